@@ -1,0 +1,108 @@
+"""The image-text curation config: one typed section per component, composed here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlp.curation.dedup import DedupConfig
+from vlp.curation.fetch import FetchConfig
+from vlp.curation.filters import DEFAULT_FILTERS, build_filters
+from vlp.curation.image import ImageConfig
+from vlp.curation.text import TextConfig
+from vlp.data.storage import StorageConfig
+
+InputFormat = Literal["auto", "jsonl", "csv", "parquet", "folder", "webdataset"]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What the input looks like.
+
+    Attributes:
+        format: ``auto`` picks by file extension (``.jsonl``/``.json``, ``.csv``, ``.parquet``, ``.tar``)
+            or ``folder`` for a folder of images with sidecar ``.txt`` captions.
+        caption_column, url_column, path_column, key_column, lang_column: manifest column names; a row
+            needs a caption and either a url or a path (relative paths are relative to the manifest).
+        rows_per_block: rows per block read from a manifest (Ray Data's unit of work).
+        files_per_task: images per read task for folder inputs.
+    """
+
+    format: InputFormat = "auto"
+    caption_column: str = "caption"
+    url_column: str = "url"
+    path_column: str = "path"
+    key_column: str = "key"
+    lang_column: str = "lang"
+    rows_per_block: int = 512
+    files_per_task: int = 2000
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Shards and side files.
+
+    Attributes:
+        shard_rows: a shard closes at this many rows ...
+        shard_bytes: ... or at this many bytes of encoded images, whichever comes first.
+        compression: Parquet compression of the non-image columns (images are already compressed).
+        reject_samples_per_reason: rejects per drop reason written to ``_rejects.jsonl``.
+    """
+
+    shard_rows: int = 10_000
+    shard_bytes: int = 512 * 1024 * 1024
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    reject_samples_per_reason: int = 20
+
+    def __post_init__(self):
+        if self.shard_rows < 1 or self.shard_bytes < 1024:
+            raise ValueError("output.shard_rows must be >= 1 and output.shard_bytes >= 1024")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the Ray Data job runs.
+
+    Attributes:
+        ray_address: an existing cluster (``auto`` or ``ray://...``); empty starts Ray in-process.
+        workers: curation worker actors; 0 means one per CPU of the cluster.
+        worker_cpus: CPUs each worker reserves (fractions let readers and writers run beside them).
+        batch_size: rows per batch handed to a worker (the fetch concurrency is ``fetch.threads``).
+        progress_interval_s: seconds between progress lines.
+        progress_bars: show Ray Data's own progress bars too.
+    """
+
+    ray_address: str = ""
+    workers: int = 0
+    worker_cpus: float = 1.0
+    batch_size: int = 64
+    progress_interval_s: float = 5.0
+    progress_bars: bool = False
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    filters: dict[str, dict[str, Any] | None] = field(default_factory=lambda: dict(DEFAULT_FILTERS))
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+
+    def __post_init__(self):
+        build_filters(self.filters)  # fail at load time, with the filter's name, on a bad section
+
+
+def output_affecting(config: CurationConfig) -> dict:
+    """The parts of a config that change what is written (a resume must keep them equal)."""
+    from vlp.config import to_dict
+
+    data = to_dict(config)
+    for volatile in ("execution", "storage"):
+        data.pop(volatile)
+    data["fetch"] = {k: v for k, v in data["fetch"].items() if k in ("max_bytes",)}
+    data["output"].pop("reject_samples_per_reason")
+    return data

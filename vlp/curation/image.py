@@ -1,0 +1,253 @@
+"""Image transforms: probe, decode, convert, resize, encode and perceptual hash.
+
+Pure functions on bytes and Pillow images. Work is split so that cheap checks come first:
+``probe_image`` reads only the header (size, orientation, format), image filters look at that, and only
+then ``render_image`` decodes, at a reduced scale when JPEG draft decoding allows it (the DCT is
+scaled by 1/2, 1/4 or 1/8 inside libjpeg, which is most of the speed of a resize to 256 px).
+
+Every failure raises ``ImageDropError`` with a drop reason, never a bare Pillow exception.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Size limits are checked explicitly in probe_image against the configured max_pixels; Pillow's own
+# guard would otherwise raise or warn with its default limit first.
+Image.MAX_IMAGE_PIXELS = None
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+ResizeMode = Literal["center_crop", "keep_ratio", "border", "none"]
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Decoding and output of images.
+
+    Attributes:
+        size: target side in pixels (the square side for ``center_crop`` and ``border``, the short side
+            for ``keep_ratio``).
+        resize_mode: ``center_crop`` (short side to size, crop the centre), ``keep_ratio`` (short side
+            to size), ``border`` (long side to size, pad to a square), ``none`` (keep the size).
+        format: output encoding.
+        quality: JPEG/WebP quality.
+        max_pixels: images with more pixels are dropped as decompression bombs before decoding.
+        draft: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
+        resample: resampling filter of the resize.
+        upscale: enlarge images smaller than ``size``; if false they keep their size.
+    """
+
+    size: int = 256
+    resize_mode: ResizeMode = "center_crop"
+    format: Literal["jpeg", "webp"] = "jpeg"
+    quality: int = 95
+    max_pixels: int = 89_478_485
+    draft: bool = True
+    resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bicubic"
+    upscale: bool = True
+
+    def __post_init__(self):
+        if self.size < 8:
+            raise ValueError(f"image.size must be at least 8, got {self.size}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"image.quality must be in 1..100, got {self.quality}")
+
+
+class ImageDropError(Exception):
+    """An image that cannot be used; ``reason`` is the drop reason counted in the stats."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ProbedImage:
+    """An opened (not yet decoded) image and its displayed size (after EXIF orientation)."""
+
+    image: Image.Image
+    orig_width: int
+    orig_height: int
+    orientation: int
+
+
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def probe_image(data: bytes, max_pixels: int) -> ProbedImage:
+    """Open image bytes and read the header only.
+
+    Raises:
+        ImageDropError: ``empty_file``, ``not_an_image``, ``decompression_bomb`` or ``corrupt_image``.
+    """
+    if not data:
+        raise ImageDropError("empty_file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDropError("not_an_image", f"{len(data)} bytes, unknown format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDropError("decompression_bomb", str(e)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageDropError("corrupt_image", str(e)[:200]) from None
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageDropError("corrupt_image", f"size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageDropError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not drop a decodable image
+        orientation = 1
+    if orientation in _SWAPPING_ORIENTATIONS:
+        w, h = h, w
+    return ProbedImage(im, w, h, orientation)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any mode: alpha composited on white, 16-bit scaled, palettes and CMYK converted."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def _draft_request(w: int, h: int, config: ImageConfig) -> tuple[int, int] | None:
+    """Smallest decode size that still covers the target, in stored (pre-orientation) pixels."""
+    if config.resize_mode == "none":
+        return None
+    if config.resize_mode == "border":
+        scale = config.size / max(w, h)
+    else:
+        scale = config.size / min(w, h)
+    if scale >= 1:
+        return None
+    return max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))
+
+
+def decode_image(probed: ProbedImage, config: ImageConfig) -> Image.Image:
+    """Decode to an upright RGB image, at a reduced scale when draft decoding allows it.
+
+    Raises:
+        ImageDropError: ``corrupt_image`` for truncated or undecodable data.
+    """
+    im = probed.image
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # animations: the first frame
+        if config.draft and im.format == "JPEG":
+            request = _draft_request(im.size[0], im.size[1], config)
+            if request:
+                im.draft("RGB", request)
+        im.load()
+        if probed.orientation != 1:
+            im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except ImageDropError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+        raise ImageDropError("corrupt_image", str(e)[:200]) from None
+
+
+def resize_image(im: Image.Image, config: ImageConfig) -> Image.Image:
+    """Apply the configured resize mode to an RGB image."""
+    size, resample = config.size, _RESAMPLE[config.resample]
+    w, h = im.size
+    mode = config.resize_mode
+    if mode == "none":
+        return im
+    if mode == "center_crop":
+        side = min(w, h)
+        if side < size and not config.upscale:
+            size = side
+        left, top = (w - side) / 2, (h - side) / 2
+        # One resampling pass straight from the centre square of the source: no intermediate image.
+        return im.resize((size, size), resample, box=(left, top, left + side, top + side))
+    if mode == "keep_ratio":
+        scale = size / min(w, h)
+    else:  # border
+        scale = size / max(w, h)
+    if scale > 1 and not config.upscale:
+        scale = 1.0
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    out = im.resize(new, resample) if new != (w, h) else im
+    if mode == "border":
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(out, ((size - new[0]) // 2, (size - new[1]) // 2))
+        return canvas
+    return out
+
+
+def encode_image(im: Image.Image, config: ImageConfig) -> bytes:
+    buf = io.BytesIO()
+    if config.format == "jpeg":
+        im.save(buf, format="JPEG", quality=config.quality)
+    else:
+        im.save(buf, format="WEBP", quality=config.quality)
+    return buf.getvalue()
+
+
+# DCT-II basis for 32 samples; phash = sign of the 8x8 lowest frequencies against their median.
+_N = 32
+_DCT = np.cos(np.pi * np.outer(np.arange(_N), 2 * np.arange(_N) + 1) / (2 * _N))
+
+
+def perceptual_hash(im: Image.Image) -> int:
+    """64-bit DCT perceptual hash (the ``phash`` of the imagehash library), as a signed int64.
+
+    Grey 32x32 (Lanczos), 2-D DCT-II, the top-left 8x8 coefficients compared with their median, bits
+    packed row-major with the first bit most significant.
+    """
+    grey = np.asarray(im.convert("L").resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)
+    coeffs = _DCT @ grey @ _DCT.T
+    low = coeffs[:8, :8]
+    bits = (low > np.median(low)).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
+
+
+def hamming_distance(a: int, b: int) -> int:
+    return ((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count()
+
+
+@dataclass
+class RenderedImage:
+    data: bytes
+    width: int
+    height: int
+    phash: int
+
+
+def render_image(probed: ProbedImage, config: ImageConfig) -> RenderedImage:
+    """Decode, hash, resize and encode a probed image."""
+    im = decode_image(probed, config)
+    phash = perceptual_hash(im)
+    out = resize_image(im, config)
+    return RenderedImage(encode_image(out, config), out.size[0], out.size[1], phash)

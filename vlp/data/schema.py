@@ -1,0 +1,88 @@
+"""The shard format: the one contract between curation (writer) and training (reader).
+
+Shards are Parquet files of Arrow record batches. Every column is declared here once; curation writes
+exactly ``IMAGE_TEXT_SCHEMA`` and training reads it with ``read_shard_schema`` checks. A change that
+removes or retypes a column bumps ``SCHEMA_VERSION``'s major number; adding a nullable column (video
+columns, later scores) bumps the minor number and old readers keep working.
+
+Each output folder also holds:
+
+- ``_manifest.json``: schema version, the curation config and its hash, each shard with rows and bytes;
+- ``_stats.json``: rows read, written and dropped (per reason);
+- ``_parts/part-NNNNN.json``: the commit record of one shard (the unit of resume);
+- ``_drops/part-NNNNN.parquet``: every dropped row of that part with its reason (``DROPS_SCHEMA``);
+- ``_rejects.jsonl``: a sample of rejects per reason, for a person to look at.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1.0"
+
+MANIFEST_FILE = "_manifest.json"
+STATS_FILE = "_stats.json"
+REJECTS_FILE = "_rejects.jsonl"
+PARTS_DIR = "_parts"
+DROPS_DIR = "_drops"
+
+
+def shard_name(part: int) -> str:
+    """Deterministic shard file name of a part number."""
+    return f"shard-{part:06d}.parquet"
+
+
+def part_record_name(part: int) -> str:
+    return f"{PARTS_DIR}/part-{part:06d}.json"
+
+
+def drops_name(part: int) -> str:
+    return f"{DROPS_DIR}/part-{part:06d}.parquet"
+
+
+IMAGE_TEXT_FIELDS: list[pa.Field] = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("caption", pa.string(), nullable=False),
+    pa.field("lang", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("image_format", pa.string(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("orig_width", pa.int32(), nullable=False),
+    pa.field("orig_height", pa.int32(), nullable=False),
+    # Hex SHA-256 of the source bytes as fetched: the exact-duplicate key.
+    pa.field("sha256", pa.string(), nullable=False),
+    # 64-bit DCT perceptual hash of the decoded image, stored as the signed view of the bits.
+    pa.field("phash", pa.int64(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+]
+
+IMAGE_TEXT_SCHEMA = pa.schema(
+    IMAGE_TEXT_FIELDS, metadata={b"vlp.schema_version": SCHEMA_VERSION.encode()}
+)
+
+# Every dropped row, with enough to find it again and know why.
+DROPS_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("caption", pa.string()),
+    ]
+)
+
+
+def check_shard_schema(schema: pa.Schema, expected: pa.Schema = IMAGE_TEXT_SCHEMA) -> None:
+    """Raise ``ValueError`` naming the first column a shard lacks or types differently."""
+    for field in expected:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            raise ValueError(f"shard lacks column {field.name!r} (schema {SCHEMA_VERSION})")
+        if not schema.field(idx).type.equals(field.type):
+            raise ValueError(
+                f"shard column {field.name!r} is {schema.field(idx).type}, expected {field.type}"
+            )
+    version = (schema.metadata or {}).get(b"vlp.schema_version", b"").decode()
+    if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ValueError(f"shard schema version {version} is incompatible with {SCHEMA_VERSION}")

@@ -98,13 +98,15 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; known keys here: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{unknown[0]}'; known keys here: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         obj = cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
     return obj

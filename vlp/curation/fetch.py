@@ -117,14 +117,17 @@ class Fetcher:
         for _ in range(cfg.max_redirects + 1):
             try:
                 resp = self._http.request("GET", url, preload_content=False, redirect=False)
+            except NewConnectionError as e:  # before ConnectTimeoutError: urllib3 subclasses it
+                raise FetchDropError("connection_error", str(e)[:200]) from None
             except (ReadTimeoutError, ConnectTimeoutError) as e:
                 raise FetchDropError("http_timeout", str(e)[:200]) from None
-            except (MaxRetryError, NewConnectionError, ProtocolError) as e:
+            except (MaxRetryError, ProtocolError) as e:
                 if isinstance(getattr(e, "reason", None), (ReadTimeoutError, ConnectTimeoutError)):
                     raise FetchDropError("http_timeout", str(e)[:200]) from None
                 raise FetchDropError("connection_error", str(e)[:200]) from None
             except (HTTPError, ValueError) as e:  # ValueError: malformed URL
                 raise FetchDropError("invalid_url", str(e)[:200]) from None
+            complete = False
             try:
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers.get("Location")
@@ -138,8 +141,14 @@ class Fetcher:
                     raise FetchDropError("http_5xx", f"HTTP {resp.status}")
                 if resp.status != 200:
                     raise FetchDropError("http_error", f"HTTP {resp.status}")
-                return self._read_body(resp)
+                body = self._read_body(resp)
+                complete = True
+                return body
             finally:
+                if not complete:
+                    # An unread body (error page, oversized file) would poison the pooled connection
+                    # for the next request: close it instead of reusing it.
+                    resp.close()
                 resp.release_conn()
         raise FetchDropError("too_many_redirects", f"more than {cfg.max_redirects}")
 
@@ -147,7 +156,6 @@ class Fetcher:
         cap = self.config.max_bytes
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > cap:
-            resp.drain_conn()
             raise FetchDropError("too_large", f"Content-Length {length} > {cap}")
         chunks, total = [], 0
         try:

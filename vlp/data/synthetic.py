@@ -13,7 +13,7 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -117,6 +117,9 @@ class SampleSet:
     root: str
     manifest: str
     expected: dict[str, str]  # key -> "kept" or the expected drop reason
+    # Copies of one image: exactly one of them is kept (which one depends on processing order, since
+    # parallel workers race), the others drop as duplicate_exact or duplicate_near.
+    duplicate_groups: list[set[str]] = field(default_factory=list)
 
     @property
     def kept_keys(self) -> set[str]:
@@ -218,7 +221,8 @@ def generate_image_text_samples(
         add("bad_empty_caption", good_jpeg, "jpg", "   ", "missing_caption")
         add("bad_utf8", good_jpeg, "jpg", None, "invalid_utf8",
             raw_line=b'{"key": "bad_utf8", "path": "images/bad_utf8.jpg", "caption": "a red \xff\xfe circle"}')
-        add("bad_json", None, "jpg", None, "malformed_row",
+        # A line that is not JSON has no readable key: the reader names it by file and line number.
+        add(f"manifest-{len(lines):09d}", None, "jpg", None, "malformed_row",
             raw_line=b'{"key": "bad_json", "path": "images/x.jpg", "caption": ')
         add("bad_tiny", _encode(draw_sample(random_spec(rng), 24, 24, rng), "PNG"), "png",
             "a small blue square in the centre", "image_too_small")
@@ -246,4 +250,5 @@ def generate_image_text_samples(
         f.write(b"\n".join(lines) + b"\n")
     with open(os.path.join(root, "expected.json"), "w", encoding="utf-8") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
-    return SampleSet(root, manifest, expected)
+    groups = [{next(iter(keep_files)), "dup_exact", "dup_near"}] if broken else []
+    return SampleSet(root, manifest, expected, groups)

@@ -12,7 +12,7 @@ def test_defaults_file_and_overrides_compose(tmp_path):
     f.write_text("image:\n  size: 224\nfilters:\n  language: {allowed: [en]}\n")
     cfg = load_config(CurationConfig, str(f), ["image.quality=80", "filters.min_side=null"])
     assert cfg.image.size == 224 and cfg.image.quality == 80
-    assert cfg.filters["language"] == {"allowed": ["en"]}
+    assert cfg.filters["language"] == {"allowed": ["en"], "min_confidence": 0.3}
     assert cfg.filters["min_side"] is None
     names = {type(x).name for x in build_filters(cfg.filters).image}
     assert "min_side" not in names and "max_aspect_ratio" in names
@@ -39,6 +39,17 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("image: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(CurationConfig, str(bad))
+
+
+def test_example_config_file_spells_out_the_defaults():
+    from vlp.config import to_dict
+
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example = load_config(CurationConfig, os.path.join(root, "ray_configs", "curate_images.yaml"))
+    assert to_dict(example) == to_dict(CurationConfig())
+    assert config_hash(example) == config_hash(CurationConfig())
 
 
 def test_hash_and_flatten():

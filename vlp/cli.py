@@ -30,7 +30,7 @@ def _add_curate(sub):
     images = kinds.add_parser("images", help="image-text pairs")
     images.add_argument("--input", required=True, help="manifest, folder or tar(s): local or s3://")
     images.add_argument("--output", required=True, help="output folder: local or s3://")
-    images.add_argument("--config", help="YAML config (see configs/curate_images.yaml)")
+    images.add_argument("--config", help="YAML config (see ray_configs/curate_images.yaml)")
     images.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set image.size=224 (repeatable)")
     images.add_argument("--resume", action="store_true",

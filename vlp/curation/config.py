@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vlp.config import to_dict
 from vlp.curation.dedup import DedupConfig
 from vlp.curation.fetch import FetchConfig
 from vlp.curation.filters import DEFAULT_FILTERS, build_filters
@@ -93,13 +94,17 @@ class CurationConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self):
-        build_filters(self.filters)  # fail at load time, with the filter's name, on a bad section
+        # Fail at load time, naming the filter, on a bad section; then record every parameter, so
+        # that the manifest holds the whole config and equal settings hash equally.
+        built = build_filters(self.filters)
+        full = {name: None for name in self.filters}
+        for f in built.caption + built.image:
+            full[type(f).name] = to_dict(f)
+        object.__setattr__(self, "filters", full)
 
 
 def output_affecting(config: CurationConfig) -> dict:
     """The parts of a config that change what is written (a resume must keep them equal)."""
-    from vlp.config import to_dict
-
     data = to_dict(config)
     for volatile in ("execution", "storage"):
         data.pop(volatile)

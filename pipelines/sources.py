@@ -13,7 +13,6 @@ before any work is spent on them.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import posixpath
@@ -262,25 +261,26 @@ def _read_jsonl(unit, config, storage, out) -> Iterator[pa.Table]:
 def _read_csv(unit, config, storage, out) -> Iterator[pa.Table]:
     emitter = _ManifestRowEmitter(unit, config, out)
     with storage.open_input(unit.uri) as f:
-        data = f.read()
-    lines = io.StringIO(data.decode("utf-8", "surrogateescape"), newline="")
-    try:
+        # Streamed line by line; the newline goes back on so quoted multi-line fields still parse.
+        lines = (raw.decode("utf-8", "surrogateescape") + "\n" for raw in _iter_lines(f))
         reader = csv.DictReader(lines)
-        for index, record in enumerate(reader):
-            if None in record:  # more fields than the header names
-                emitter.emit(index, None, ("malformed_row", "extra fields"))
-            else:
-                emitter.emit(index, record)
-            if out.full() and (t := out.flush()) is not None:
-                yield t
-    except csv.Error as e:
-        emitter.emit(reader.line_num, None, ("malformed_row", str(e)[:200]))
+        try:
+            for index, record in enumerate(reader):
+                if None in record:  # more fields than the header names
+                    emitter.emit(index, None, ("malformed_row", "extra fields"))
+                else:
+                    emitter.emit(index, record)
+                if out.full() and (t := out.flush()) is not None:
+                    yield t
+        except csv.Error as e:
+            emitter.emit(reader.line_num, None, ("malformed_row", str(e)[:200]))
 
 
 def _read_parquet(unit, config, storage, out) -> Iterator[pa.Table]:
     emitter = _ManifestRowEmitter(unit, config, out)
-    with storage.open_input(unit.uri) as f:
-        pf = pq.ParquetFile(pa.BufferReader(f.read()))
+    fs, path = storage.resolve(unit.uri)
+    with fs.open_input_file(path) as f:  # random access: row groups are read one at a time
+        pf = pq.ParquetFile(f)
         wanted = [c for c in (config.key_column, config.url_column, config.path_column,
                               config.caption_column, config.lang_column) if c in pf.schema_arrow.names]
         index = 0

@@ -219,7 +219,8 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
         print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
               file=stream, flush=True)
         with ProgressReporter(tracker, config.execution.progress_interval_s, stream):
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
+            # Each write task holds up to one shard in memory: bound how many run at once.
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, workers))
         final_state = load_output_state(output, storage, clean=False)
         rows_before = sum(r["rows"] + r["dropped"] for r in state.records)
         rows_after = sum(r["rows"] + r["dropped"] for r in final_state.records)

@@ -279,3 +279,15 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path):
     stats = json.load(open(os.path.join(out, "_stats.json")))
     assert stats["rows_read"] == len(big.expected)
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_quickstart_main_job_runs_and_keeps_exactly_the_clean_pairs(tmp_path):
+    """The README's main command (`vlp quickstart`), at a smaller size."""
+    r = subprocess.run([sys.executable, "-m", "vlp.cli", "quickstart", "--workdir", str(tmp_path / "qs"),
+                        "--rows", "40"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rows written" in r.stderr and "(expected 41)" in r.stdout
+    stats = json.load(open(tmp_path / "qs" / "curated" / "_stats.json"))
+    assert stats["rows_written"] == 41  # 40 clean + the cleaned HTML caption

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -123,13 +124,19 @@ class ImageTextProcessor:
 
 
 def _ensure_ray(address: str) -> bool:
-    """Connect to (or start) Ray; True when this call started it and so must shut it down."""
+    """Connect to Ray, or start the embedded one; True when this call started it (and must stop it).
+
+    ``address`` wins; else ``RAY_ADDRESS`` (set for Ray job entrypoints); else a new local Ray in this
+    process, never a cluster that happens to run on the machine (plain ``ray.init()`` would attach to
+    the last ``ray start``).
+    """
     if ray.is_initialized():
         return False
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": True,
-                    "logging_level": logging.WARNING}
+    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
     if address:
         kwargs["address"] = address
+    elif not os.environ.get("RAY_ADDRESS"):
+        kwargs.update(address="local", include_dashboard=False)
     ray.init(**kwargs)
     return True
 

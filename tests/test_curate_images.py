@@ -28,6 +28,16 @@ from vlp.data.schema import IMAGE_TEXT_SCHEMA, check_shard_schema
 pytestmark = pytest.mark.ray
 
 
+@pytest.fixture
+def cli_env():
+    """Environment for a CLI subprocess: its own Ray temp dir (short, as Ray's socket paths must be)."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="vlpcli-", dir="/tmp")
+    yield dict(os.environ, RAY_TMPDIR=temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def _config(*overrides):
     return load_config(CurationConfig, None, ["execution.progress_interval_s=1", *overrides])
 
@@ -246,7 +256,7 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert "unknown config key 'image.sise'" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path):
+def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path, cli_env):
     """SIGKILL the whole CLI process group mid-run, then --resume: same outcome as one clean run."""
     from vlp.data.synthetic import generate_image_text_samples
 
@@ -255,7 +265,7 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path):
     cmd = [sys.executable, "-m", "vlp.cli", "curate", "images", "--input", big.manifest,
            "--output", out, "--set", "output.shard_rows=8", "--set", "execution.batch_size=4",
            "--set", "input.rows_per_block=8", "--set", "execution.progress_interval_s=1"]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env = cli_env
     proc = subprocess.Popen(cmd, start_new_session=True, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = os.path.join(out, "_parts")
@@ -282,11 +292,11 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_main_job_runs_and_keeps_exactly_the_clean_pairs(tmp_path):
+def test_quickstart_main_job_runs_and_keeps_exactly_the_clean_pairs(tmp_path, cli_env):
     """The README's main command (`vlp quickstart`), at a smaller size."""
     r = subprocess.run([sys.executable, "-m", "vlp.cli", "quickstart", "--workdir", str(tmp_path / "qs"),
                         "--rows", "40"], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+                       env=cli_env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rows written" in r.stderr and "(expected 41)" in r.stdout
     stats = json.load(open(tmp_path / "qs" / "curated" / "_stats.json"))

@@ -1,0 +1,624 @@
+"""Benchmark: image-text curation throughput and peak memory against img2dataset and a plain Pillow loop.
+
+    python benchmarks/bench_curate_images.py [--rows N] [--quick]
+
+What runs, all in one invocation so that ratios compare numbers taken on the same (shared, noisy)
+machine within minutes of each other:
+
+(a) URL inputs: ``N`` JPEGs (400-1000 px sides) served by a local threaded HTTP server
+    (``python -m http.server`` in a subprocess, bound to 127.0.0.1), through
+    - our pipeline (``pipelines.image_text.run_image_curation``, in-process local Ray, dedup and default
+      filters on, as in production);
+    - img2dataset (its own venv under ``.bench/``, multiprocessing distributor, ``processes_count=2``,
+      webdataset output, same 256 px center crop, bicubic downscale, JPEG q95);
+    - a plain single-process loop (urllib3 fetch, Pillow), in three variants (below).
+(b) Local files: the same ``N`` files through our pipeline and the plain loop (img2dataset only fetches
+    URLs), and our pipeline again on ``10 N`` files for the memory-growth check.
+
+Plain loop variants (single process, one file after the other): ``plain`` (read, open, convert RGB,
+center crop + bicubic resize to 256, JPEG q95), ``draft`` (the same with JPEG draft decoding) and
+``same work`` (draft, plus the SHA-256 of the source bytes and our perceptual hash of the decoded image,
+which is what our pipeline computes per image besides captions).
+
+Every system runs in a subprocess; a sampler thread walks the subprocess's tree every 0.2 s with psutil
+and records the peak of the summed RSS and the CPU seconds of every process seen. Throughput is reported
+three ways: images per wall second, per wall second per core the system uses (loop 1, ours 2 workers,
+img2dataset 2 processes), and per CPU second (user + system time of the whole process tree, which is
+less sensitive to other tenants of the machine than wall time).
+
+Results: a markdown table on stdout and ``benchmarks/results/curate_images.json``. Inputs are generated
+once and cached under ``.bench/data/``; outputs go to ``.bench/work/`` (both ignored by git).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import get_context
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(REPO, ".bench")
+DEFAULT_I2D_VENV = os.path.join(BENCH_DIR, "venv-img2dataset")
+RESULTS = os.path.join(REPO, "benchmarks", "results", "curate_images.json")
+SIZE, QUALITY = 256, 95
+MIN_SIDE, MAX_SIDE = 400, 1000
+
+
+def _psutil():
+    """psutil, or the copy Ray vendors (importing ray puts ``ray/thirdparty_files`` on ``sys.path``)."""
+    try:
+        import psutil
+    except ImportError:
+        import ray  # noqa: F401
+
+        import psutil
+    return psutil
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _gen_chunk(args):
+    root, n, seed = args
+    from vlp.data.synthetic import generate_image_text_samples
+
+    generate_image_text_samples(root, n, seed=seed, broken=False, min_size=MIN_SIDE, max_size=MAX_SIDE,
+                                varied_formats=False)
+    return root
+
+
+def prepare_data(rows: int, factor: int) -> dict:
+    """``factor`` chunks of ``rows`` distinct samples (seeds 0..factor-1); cached between runs.
+
+    Returns the data root and the manifests of the first chunk (``rows`` samples) and of all chunks.
+    """
+    root = os.path.join(BENCH_DIR, "data", f"curate_images_{rows}x{factor}_{MIN_SIDE}-{MAX_SIDE}")
+    small, large = os.path.join(root, "local_small.jsonl"), os.path.join(root, "local_large.jsonl")
+    if not os.path.exists(os.path.join(root, "DONE")):
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        t = time.monotonic()
+        jobs = [(os.path.join(root, f"part{i}"), rows, i) for i in range(factor)]
+        with get_context("spawn").Pool(min(2, factor)) as pool:
+            pool.map(_gen_chunk, jobs)
+        lines = []
+        for i in range(factor):
+            with open(os.path.join(root, f"part{i}", "manifest.jsonl"), encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    lines.append({"key": f"p{i}_{rec['key']}", "path": f"part{i}/{rec['path']}",
+                                  "caption": rec["caption"]})
+        for path, recs in ((small, lines[:rows]), (large, lines)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+        with open(os.path.join(root, "DONE"), "w") as f:
+            f.write(f"{len(lines)} samples generated in {time.monotonic() - t:.1f} s\n")
+    with open(small, encoding="utf-8") as f:
+        first = [json.loads(line) for line in f]
+    nbytes = sum(os.path.getsize(os.path.join(root, r["path"])) for r in first)
+    return {"root": root, "small": small, "large": large, "rows": rows, "large_rows": rows * factor,
+            "avg_file_kb": round(nbytes / len(first) / 1024, 1)}
+
+
+def write_url_manifest(data: dict, port: int, path: str) -> str:
+    with open(data["small"], encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+        for line in f:
+            rec = json.loads(line)
+            out.write(json.dumps({"key": rec["key"], "url": f"http://127.0.0.1:{port}/{rec['path']}",
+                                  "caption": rec["caption"]}, ensure_ascii=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The local HTTP server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer:
+    """``python -m http.server`` (a ThreadingHTTPServer) serving ``root`` on 127.0.0.1."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.port = _free_port()
+        self.proc = None
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+             "--directory", self.root],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("the local HTTP server did not start")
+
+    def cpu_s(self) -> float:
+        psutil = _psutil()
+
+        try:
+            t = psutil.Process(self.proc.pid).cpu_times()
+            return t.user + t.system
+        except psutil.Error:
+            return 0.0
+
+    def __exit__(self, *exc):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring a subprocess tree
+
+
+class TreeSampler:
+    """Samples a process and its descendants: peak summed RSS, CPU seconds per process, process count."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2):
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_rss = 0
+        self.peak_procs = 0
+        self.cpu: dict[tuple[int, float], float] = {}  # (pid, create_time) -> last seen CPU seconds
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self):
+        psutil = _psutil()
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    total += p.memory_info().rss
+                    t = p.cpu_times()
+                    self.cpu[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:
+                pass
+        self.peak_rss = max(self.peak_rss, total)
+        self.peak_procs = max(self.peak_procs, len(procs))
+        self.samples += 1
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval_s)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+
+def run_measured(cmd: list[str], log_path: str, env=None, timeout_s: float = 1800) -> dict:
+    """Run ``cmd`` with its output to ``log_path``; wall time, peak tree RSS and tree CPU seconds."""
+    with open(log_path, "wb") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        with TreeSampler(proc.pid) as sampler:
+            try:
+                rc = proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+        wall = time.monotonic() - t0
+    if rc != 0:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {rc}; log {log_path}:\n{tail}")
+    return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / 2**20, "cpu_s": sampler.cpu_s,
+            "peak_procs": sampler.peak_procs, "samples": sampler.samples}
+
+
+# --------------------------------------------------------------------------------------------------
+# Workers (run in subprocesses of the benchmark)
+
+
+def worker_loop(manifest: str, variant: str, out_json: str) -> None:
+    """The plain single-process loop over a manifest (``path`` or ``url`` rows)."""
+    from PIL import Image
+
+    draft = variant in ("draft", "same_work")
+    same = variant == "same_work"
+    if same:
+        from vlp.curation.image import perceptual_hash
+    base = os.path.dirname(os.path.abspath(manifest))
+    with open(manifest, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    http = None
+    if rows and "url" in rows[0]:
+        import urllib3
+
+        http = urllib3.PoolManager(maxsize=1, retries=False)
+    t0 = time.monotonic()
+    ok = out_bytes = 0
+    for r in rows:
+        if http is not None:
+            resp = http.request("GET", r["url"])
+            if resp.status != 200:
+                continue
+            data = resp.data
+        else:
+            with open(os.path.join(base, r["path"]), "rb") as fh:
+                data = fh.read()
+        im = Image.open(io.BytesIO(data))
+        if draft:
+            w, h = im.size
+            scale = SIZE / min(w, h)
+            if scale < 1:
+                im.draft("RGB", (-(-w * SIZE // min(w, h)), -(-h * SIZE // min(w, h))))
+        im = im.convert("RGB")
+        if same:
+            hashlib.sha256(data).hexdigest()
+            perceptual_hash(im)
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        out = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        buf = io.BytesIO()
+        out.save(buf, format="JPEG", quality=QUALITY)
+        out_bytes += buf.tell()
+        ok += 1
+    with open(out_json, "w") as f:
+        json.dump({"images": ok, "loop_s": time.monotonic() - t0, "bytes_out": out_bytes}, f)
+
+
+_PROCESSED = re.compile(r"processed ([\d,]+)")
+
+
+class _TimedStream:
+    """A text stream that timestamps each line (the pipeline's progress lines) and passes it on."""
+
+    def __init__(self, t0: float, sink):
+        self.t0, self.sink, self.buf, self.lines = t0, sink, "", []
+
+    def write(self, s: str) -> int:
+        self.sink.write(s)
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            self.lines.append((time.monotonic() - self.t0, line))
+        return len(s)
+
+    def flush(self):
+        self.sink.flush()
+
+
+def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]) -> None:
+    t0 = time.monotonic()
+    from pipelines.image_text import run_image_curation
+    from vlp.config import load_config
+    from vlp.curation.config import CurationConfig
+
+    cfg = load_config(CurationConfig, None, overrides)
+    t_import = time.monotonic() - t0
+    stream = _TimedStream(t0, sys.stderr)
+    t_call = time.monotonic() - t0
+    stats = run_image_curation(manifest, out_dir, cfg, stream=stream)
+    t_return = time.monotonic() - t0
+    events, t_start_line = [], None
+    for t, line in stream.lines:
+        if t_start_line is None and "input unit" in line:
+            t_start_line = t
+        m = _PROCESSED.search(line)
+        if m and line.lstrip().startswith("[curate]"):
+            events.append((t, int(m.group(1).replace(",", ""))))
+    with open(out_json, "w") as f:
+        json.dump({"stats": stats, "t_import": t_import, "t_call": t_call, "t_pipeline_start": t_start_line,
+                   "t_return": t_return, "progress": events}, f)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _ours_overrides(workers: int, interval: float) -> list[str]:
+    return [f"image.size={SIZE}", "image.resize_mode=center_crop", "image.format=jpeg",
+            f"image.quality={QUALITY}", f"execution.workers={workers}",
+            f"execution.progress_interval_s={interval}"]
+
+
+def run_loop(manifest: str, variant: str, work: str, tag: str) -> dict:
+    out_json = os.path.join(work, f"{tag}.json")
+    m = run_measured([sys.executable, __file__, "_worker", "loop", manifest, variant, out_json],
+                     os.path.join(work, f"{tag}.log"))
+    with open(out_json) as f:
+        r = json.load(f)
+    m.update(images=r["images"], inner_s=r["loop_s"], cores=1)
+    return m
+
+
+def run_ours(manifest: str, work: str, tag: str, workers: int) -> dict:
+    out_dir, out_json = os.path.join(work, f"{tag}_out"), os.path.join(work, f"{tag}.json")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [sys.executable, __file__, "_worker", "ours", manifest, out_dir, out_json,
+           *_ours_overrides(workers, 0.5)]
+    m = run_measured(cmd, os.path.join(work, f"{tag}.log"))
+    with open(out_json) as f:
+        r = json.load(f)
+    st = r["stats"]
+    m.update(images=st["rows_written"], rows_read=st["rows_read"], dropped=st.get("dropped_by_reason", {}),
+             cores=workers, inner_s=r["t_return"] - r["t_call"], t_import=r["t_import"],
+             t_pipeline_start=r["t_pipeline_start"])
+    ev = [(t, n) for t, n in r["progress"] if n > 0]
+    if ev:
+        m["t_first_rows"] = ev[0][0]
+        m["t_last_progress"] = ev[-1][0]
+    if len(ev) >= 2 and ev[-1][0] > ev[0][0]:
+        m["steady_rows_per_s"] = (ev[-1][1] - ev[0][1]) / (ev[-1][0] - ev[0][0])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return m
+
+
+def run_img2dataset(url_manifest: str, work: str, tag: str, venv: str, rows: int, procs: int) -> dict:
+    out_dir = os.path.join(work, f"{tag}_out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    per_shard = max(10, -(-rows // (procs * 4)))  # >= 4 shards per process, so both processes work
+    cmd = [
+        os.path.join(venv, "bin", "img2dataset"),
+        "--url_list", url_manifest, "--input_format", "jsonl", "--url_col", "url",
+        "--caption_col", "caption", "--output_format", "webdataset", "--output_folder", out_dir,
+        "--processes_count", str(procs), "--thread_count", "32", "--image_size", str(SIZE),
+        "--resize_mode", "center_crop", "--downscale_interpolation", "bicubic",
+        "--encode_quality", str(QUALITY), "--encode_format", "jpg",
+        "--number_sample_per_shard", str(per_shard), "--distributor", "multiprocessing",
+        "--timeout", "10", "--retries", "0", "--enable_wandb", "False",
+    ]
+    env = dict(os.environ, WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+    for var in ("VIRTUAL_ENV", "PYTHONPATH"):
+        env.pop(var, None)
+    m = run_measured(cmd, os.path.join(work, f"{tag}.log"), env=env)
+    ok = failed = 0
+    for name in os.listdir(out_dir):
+        if name.endswith("_stats.json"):
+            with open(os.path.join(out_dir, name)) as f:
+                s = json.load(f)
+            ok += s.get("successes", 0)
+            failed += s.get("failed_to_download", 0) + s.get("failed_to_resize", 0)
+    m.update(images=ok, failed=failed, cores=procs, shard_rows=per_shard)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return m
+
+
+def _derive(m: dict) -> dict:
+    m["img_per_s"] = m["images"] / m["wall_s"]
+    m["img_per_s_core"] = m["img_per_s"] / m["cores"]
+    m["img_per_cpu_s"] = m["images"] / m["cpu_s"] if m["cpu_s"] > 0 else None
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _f(x, nd=0):
+    return "–" if x is None else f"{x:,.{nd}f}"
+
+
+def render_table(res: dict) -> str:
+    rows = [
+        "| input | system | images | wall s | img/s | img/s/core | img/CPU-s | peak RSS MB | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, m in res["runs"].items():
+        rows.append(
+            f"| {m['input']} | {m['label']} | {m['images']:,} | {_f(m['wall_s'], 1)} | {_f(m['img_per_s'])} "
+            f"| {_f(m['img_per_s_core'])} | {_f(m['img_per_cpu_s'])} | {_f(m['peak_rss_mb'])} "
+            f"| {m.get('note', '')} |"
+        )
+    return "\n".join(rows)
+
+
+def render_targets(res: dict) -> str:
+    rows = ["| target | measured | ratio | threshold | met |", "|---|---|---:|---:|---|"]
+    for t in res["targets"]:
+        rows.append(f"| {t['name']} | {t['measured']} | {t['ratio']:.2f} | {t['threshold']} "
+                    f"| {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(rows)
+
+
+def _ours_note(m: dict) -> str:
+    parts = [f"{m['cores']} workers"]
+    if m.get("t_first_rows") is not None:
+        parts.append(f"first rows at {m['t_first_rows']:.1f} s")
+    if m.get("steady_rows_per_s"):
+        parts.append(f"steady {m['steady_rows_per_s']:,.0f} img/s ({m['steady_rows_per_s'] / m['cores']:,.0f}/core)")
+    dropped = sum(m.get("dropped", {}).values())
+    if dropped:
+        parts.append(f"{dropped} dropped ({', '.join(f'{k} {v}' for k, v in m['dropped'].items())})")
+    return "; ".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=2000, help="N: rows of the URL and local runs (default 2000)")
+    ap.add_argument("--growth", type=int, default=10, help="the memory check runs N and growth x N rows")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test of the benchmark itself")
+    ap.add_argument("--workers", type=int, default=2, help="our pipeline's workers and img2dataset's processes")
+    ap.add_argument("--img2dataset-venv", default=DEFAULT_I2D_VENV)
+    ap.add_argument("--skip-img2dataset", action="store_true")
+    ap.add_argument("--output", default=RESULTS)
+    args = ap.parse_args(argv)
+    rows = 100 if args.quick else args.rows
+    work = os.path.join(BENCH_DIR, "work", "curate_images")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    _psutil()  # before any sampler thread needs it
+    started = time.monotonic()
+    load_before = os.getloadavg()
+
+    def say(msg):
+        print(f"[bench {time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    say(f"preparing {rows} x {args.growth} samples ({MIN_SIDE}-{MAX_SIDE} px JPEG q90)")
+    data = prepare_data(rows, args.growth)
+    runs: dict[str, dict] = {}
+
+    def record(name, m, input_, label, note=""):
+        m.update(input=input_, label=label)
+        if note:
+            m["note"] = note
+        runs[name] = _derive(m)
+        say(f"{input_:>5} {label:<32} {m['images']:>6} img  {m['wall_s']:7.1f} s  "
+            f"{m['img_per_s']:7.1f} img/s  {m['img_per_cpu_s'] or 0:7.1f} img/CPU-s  "
+            f"peak {m['peak_rss_mb']:7.0f} MB")
+
+    i2d_ok = not args.skip_img2dataset and os.path.exists(os.path.join(args.img2dataset_venv, "bin", "img2dataset"))
+    if not args.skip_img2dataset and not i2d_ok:
+        say(f"img2dataset not found in {args.img2dataset_venv}; see benchmarks/README.md to install it")
+    server_cpu = {}
+    with HttpServer(data["root"]) as server:
+        url_manifest = write_url_manifest(data, server.port, os.path.join(work, "url_small.jsonl"))
+        say(f"(a) URL inputs from http://127.0.0.1:{server.port}/")
+        for variant, label in (("plain", "plain loop"), ("draft", "plain loop, draft"),
+                               ("same_work", "plain loop, draft + sha256 + pHash")):
+            c = server.cpu_s()
+            record(f"url_loop_{variant}", run_loop(url_manifest, variant, work, f"url_loop_{variant}"),
+                   "URL", label)
+            server_cpu[f"url_loop_{variant}"] = server.cpu_s() - c
+        c = server.cpu_s()
+        m = run_ours(url_manifest, work, "url_ours", args.workers)
+        server_cpu["url_ours"] = server.cpu_s() - c
+        record("url_ours", m, "URL", "ours (Ray Data)", _ours_note(m))
+        if i2d_ok:
+            c = server.cpu_s()
+            m = run_img2dataset(url_manifest, work, "url_img2dataset", args.img2dataset_venv, rows,
+                                args.workers)
+            server_cpu["url_img2dataset"] = server.cpu_s() - c
+            record("url_img2dataset", m, "URL", "img2dataset (multiprocessing)",
+                   f"{args.workers} processes x 32 threads, {m['shard_rows']} rows/shard"
+                   + (f"; {m['failed']} failed" if m["failed"] else ""))
+    say("(b) local files")
+    for variant, label in (("plain", "plain loop"), ("draft", "plain loop, draft"),
+                           ("same_work", "plain loop, draft + sha256 + pHash")):
+        record(f"local_loop_{variant}", run_loop(data["small"], variant, work, f"local_loop_{variant}"),
+               "local", label)
+    m = run_ours(data["small"], work, "local_ours", args.workers)
+    record("local_ours", m, "local", "ours (Ray Data)", _ours_note(m))
+    m = run_ours(data["large"], work, "local_ours_large", args.workers)
+    record("local_ours_large", m, f"local", f"ours (Ray Data), {args.growth}x rows", _ours_note(m))
+
+    targets = []
+    if "url_img2dataset" in runs:
+        o, p = runs["url_ours"], runs["url_img2dataset"]
+        targets.append({"name": "URL: ours vs img2dataset, img/s/core",
+                        "measured": f"{o['img_per_s_core']:.0f} vs {p['img_per_s_core']:.0f}",
+                        "ratio": o["img_per_s_core"] / p["img_per_s_core"], "threshold": ">= 1.5",
+                        "met": o["img_per_s_core"] >= 1.5 * p["img_per_s_core"]})
+        if o["img_per_cpu_s"] and p["img_per_cpu_s"]:
+            targets.append({"name": "URL: ours vs img2dataset, img/CPU-s (context)",
+                            "measured": f"{o['img_per_cpu_s']:.0f} vs {p['img_per_cpu_s']:.0f}",
+                            "ratio": o["img_per_cpu_s"] / p["img_per_cpu_s"], "threshold": ">= 1.5",
+                            "met": o["img_per_cpu_s"] >= 1.5 * p["img_per_cpu_s"]})
+    o, p = runs["local_ours"], runs["local_loop_same_work"]
+    targets.append({"name": "local: ours vs plain loop (same work), img/s/core",
+                    "measured": f"{o['img_per_s_core']:.0f} vs {p['img_per_s_core']:.0f}",
+                    "ratio": o["img_per_s_core"] / p["img_per_s_core"], "threshold": ">= 0.9",
+                    "met": o["img_per_s_core"] >= 0.9 * p["img_per_s_core"]})
+    if o.get("steady_rows_per_s"):
+        s = o["steady_rows_per_s"] / o["cores"]
+        targets.append({"name": "local: ours steady state (after first rows) vs plain loop, img/s/core (context)",
+                        "measured": f"{s:.0f} vs {p['img_per_s_core']:.0f}",
+                        "ratio": s / p["img_per_s_core"], "threshold": ">= 0.9",
+                        "met": s >= 0.9 * p["img_per_s_core"]})
+    big = runs["local_ours_large"]
+    targets.append({"name": f"memory: ours peak RSS at {args.growth}x rows vs 1x",
+                    "measured": f"{big['peak_rss_mb']:.0f} vs {o['peak_rss_mb']:.0f} MB",
+                    "ratio": big["peak_rss_mb"] / o["peak_rss_mb"], "threshold": "< 1.3",
+                    "met": big["peak_rss_mb"] < 1.3 * o["peak_rss_mb"]})
+
+    import PIL
+    import ray
+
+    res = {
+        "benchmark": "curate_images",
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_curate_images.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"cpus": os.cpu_count(), "mem_gb": round(_mem_gb(), 1), "python": platform.python_version(),
+                    "platform": platform.platform(), "ray": ray.__version__, "pillow": PIL.__version__,
+                    "img2dataset": _i2d_version(args.img2dataset_venv) if i2d_ok else None,
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "data": {k: v for k, v in data.items() if k in ("rows", "large_rows", "avg_file_kb")}
+        | {"sides_px": [MIN_SIDE, MAX_SIDE], "source_quality": 90},
+        "settings": {"size": SIZE, "resize_mode": "center_crop", "quality": QUALITY, "workers": args.workers},
+        "http_server_cpu_s": {k: round(v, 2) for k, v in server_cpu.items()},
+        "runs": runs,
+        "targets": targets,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(res, f, indent=1)
+    print(render_table(res))
+    print()
+    print(render_targets(res))
+    print(f"\nwritten {os.path.relpath(args.output, REPO)}; elapsed {res['elapsed_s']} s", file=sys.stderr)
+    return 0
+
+
+def _mem_gb() -> float:
+    return _psutil().virtual_memory().total / 2**30
+
+
+def _i2d_version(venv: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                              "import importlib.metadata as m; print(m.version('img2dataset'))"],
+                             capture_output=True, text=True, timeout=60)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        role = sys.argv[2]
+        if role == "loop":
+            worker_loop(sys.argv[3], sys.argv[4], sys.argv[5])
+        elif role == "ours":
+            worker_ours(sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
+        else:
+            raise SystemExit(f"unknown worker role {role}")
+    else:
+        raise SystemExit(main())

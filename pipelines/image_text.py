@@ -37,6 +37,7 @@ from vlp.curation.dedup import (
 from vlp.curation.fetch import Fetcher
 from vlp.curation.filters import build_filters
 from vlp.curation.pair import PROCESSED_COLUMNS, PairSettings, curate_pair
+from vlp.curation.text import warm_up
 from vlp.data.schema import IMAGE_TEXT_SCHEMA, MANIFEST_FILE, SCHEMA_VERSION
 from vlp.data.storage import Storage, join
 from pipelines.progress import ProgressReporter, ProgressTracker, format_summary
@@ -90,6 +91,7 @@ class ImageTextProcessor:
         self.dedup_shards = dedup_shards
         self.progress = progress
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
+        warm_up(config.text)
 
     def _one(self, raw: dict) -> dict:
         return curate_pair(raw, self.fetcher.fetch, self.settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import html
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 
@@ -36,11 +37,17 @@ class TextConfig:
     traditional_to_simplified: bool = False
 
 
+# Models load once per process, under a lock: curation workers call these from many threads at once,
+# and an unguarded lazy load would have every thread load its own copy.
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _t2s_converter():
-    import opencc
+    with _LOAD_LOCK:
+        import opencc
 
-    return opencc.OpenCC("t2s")
+        return opencc.OpenCC("t2s")
 
 
 def normalize_caption(text: str, config: TextConfig = TextConfig()) -> str:
@@ -103,11 +110,25 @@ def count_words(text: str) -> int:
     return words
 
 
-@functools.lru_cache(maxsize=1)
-def _langid():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+_LANGID = None
 
-    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+def _langid():
+    global _LANGID
+    if _LANGID is None:
+        with _LOAD_LOCK:
+            if _LANGID is None:
+                from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+                _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    return _LANGID
+
+
+def warm_up(config: TextConfig = TextConfig()) -> None:
+    """Load the language model (and the t2s converter if used) now rather than on the first row."""
+    _langid()
+    if config.traditional_to_simplified:
+        _t2s_converter()
 
 
 def identify_language(text: str) -> list[tuple[str, float]]:

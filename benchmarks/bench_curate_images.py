@@ -329,13 +329,13 @@ def worker_loop(manifest: str, variant: str, out_json: str) -> None:
             if scale < 1:
                 im.draft("RGB", (-(-w * SIZE // min(w, h)), -(-h * SIZE // min(w, h))))
         im = im.convert("RGB")
-        if same:
-            hashlib.sha256(data).hexdigest()
-            perceptual_hash(im)
         w, h = im.size
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         out = im.resize((SIZE, SIZE), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+        if same:  # ours hashes the source bytes and the stored (resized) pixels
+            hashlib.sha256(data).hexdigest()
+            perceptual_hash(out)
         buf = io.BytesIO()
         out.save(buf, format="JPEG", quality=QUALITY)
         out_bytes += buf.tell()

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +41,8 @@ from vlp.curation.pair import PROCESSED_COLUMNS, PairSettings, curate_pair
 from vlp.curation.text import warm_up
 from vlp.data.schema import IMAGE_TEXT_SCHEMA, MANIFEST_FILE, SCHEMA_VERSION
 from vlp.data.storage import Storage, join
-from pipelines.progress import ProgressReporter, ProgressTracker, format_summary
+from pipelines.progress import ProgressReporter, RunTracker, format_summary
 from pipelines.shard_sink import (
-    PartCounter,
     ShardDatasink,
     finalize_output,
     load_output_state,
@@ -80,6 +80,9 @@ class DedupShard:
         return self.index.size()
 
 
+_REMOTE_SCHEMES = ("http://", "https://", "s3://")
+
+
 class ImageTextProcessor:
     """Ray Data callable class: a batch of source rows in, processed rows (kept or dropped) out."""
 
@@ -91,14 +94,23 @@ class ImageTextProcessor:
         self.dedup_shards = dedup_shards
         self.progress = progress
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
+        slots = config.execution.decode_threads or max(1, round(config.execution.worker_cpus))
+        self.cpu_gate = threading.BoundedSemaphore(slots)
         warm_up(config.text)
 
     def _one(self, raw: dict) -> dict:
-        return curate_pair(raw, self.fetcher.fetch, self.settings)
+        return curate_pair(raw, self.fetcher.fetch, self.settings, self.cpu_gate)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raws = batch.to_pylist()
-        rows = list(self.pool.map(self._one, raws)) if len(raws) > 1 else [self._one(r) for r in raws]
+        # Remote sources wait on the network: fetch them on the thread pool. Local files and embedded
+        # bytes are CPU-bound: run them right here (more threads would only fight over the GIL),
+        # overlapping with the remote fetches still in flight.
+        remote = {i: self.pool.submit(self._one, r) for i, r in enumerate(raws)
+                  if r["image"] is None and r["source"].startswith(_REMOTE_SCHEMES)}
+        rows = [None if i in remote else self._one(r) for i, r in enumerate(raws)]
+        for i, future in remote.items():
+            rows[i] = future.result()
         if self.dedup_shards:
             self._dedup(rows)
         if self.progress is not None:
@@ -208,8 +220,7 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
             print(f"[curate] resuming: {n_done:,} rows already committed in "
                   f"{len(state.records)} parts", file=stream, flush=True)
         done_ref = ray.put(done) if len(done) else None
-        counter = PartCounter.remote(state.next_part)
-        tracker = ProgressTracker.remote()
+        tracker = RunTracker.remote(state.next_part)
 
         cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
         workers = config.execution.workers or max(1, int(cpus // config.execution.worker_cpus))
@@ -224,7 +235,7 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=config.execution.worker_cpus,
         )
-        sink = ShardDatasink(output, storage, config.output, counter, tracker)
+        sink = ShardDatasink(output, storage, config.output, tracker)
         print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
               file=stream, flush=True)
         with ProgressReporter(tracker, config.execution.progress_interval_s, stream):

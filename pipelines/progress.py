@@ -1,6 +1,6 @@
 """Progress while a curation runs (rows per second, drops so far) and the summary table at the end.
 
-Workers report each processed batch to a ``ProgressTracker`` actor (fire and forget); a thread in the
+Workers report each processed batch to a ``RunTracker`` actor (fire and forget); a thread in the
 driver prints a line every few seconds. Lines go to stderr so that they read well in logs and in job
 output, with or without a terminal.
 """
@@ -16,14 +16,26 @@ import ray
 
 
 @ray.remote(num_cpus=0)
-class ProgressTracker:
-    def __init__(self):
+class RunTracker:
+    """The run's small shared state: progress counters, and the next part number to commit.
+
+    One actor for both, since each extra actor is a process to start (seconds on a small machine).
+    """
+
+    def __init__(self, first_part: int = 0):
+        self.next_part = first_part
         self.processed = 0
         self.kept = 0
         self.drops: Counter = Counter()
         self.rows_committed = 0
         self.bytes_committed = 0
         self.shards = 0
+
+    def take_parts(self, n: int) -> int:
+        """Reserve ``n`` consecutive part numbers; returns the first."""
+        first = self.next_part
+        self.next_part += n
+        return first
 
     def processed_batch(self, n: int, kept: int, drops: dict) -> None:
         self.processed += n

@@ -9,7 +9,7 @@ arrived with it, and the part record that makes both count. Order of writes:
 
 A run killed anywhere leaves either a committed part or files without a record; ``--resume`` deletes the
 latter and skips every key found in committed shards and ledgers, so each surviving key is written
-exactly once. Part numbers come from one counter actor, so shard names are contiguous and
+exactly once. Part numbers come from the run's tracker actor, so shard names are contiguous and
 deterministic in form (no random ids); a resumed run continues the numbering.
 """
 
@@ -52,17 +52,6 @@ LEDGER_SCHEMA = pa.schema(list(DROPS_SCHEMA) + [pa.field("sha256", pa.string()),
                                                 pa.field("phash", pa.int64())])
 
 
-@ray.remote(num_cpus=0)
-class PartCounter:
-    def __init__(self, start: int):
-        self.next = start
-
-    def take(self, n: int) -> int:
-        first = self.next
-        self.next += n
-        return first
-
-
 def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = 1024) -> bytes:
     codec = None if compression == "none" else compression
     per_column = {name: ("NONE" if name == "image" else (codec or "NONE")) for name in table.column_names}
@@ -92,9 +81,10 @@ def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa
 class ShardDatasink(Datasink):
     """Ray Data sink writing parts as described in the module docstring."""
 
-    def __init__(self, output: str, storage: Storage, config: OutputConfig, counter, progress=None):
+    def __init__(self, output: str, storage: Storage, config: OutputConfig, tracker):
+        """``tracker``: a ``pipelines.progress.RunTracker`` handle (part numbers and progress)."""
         self.output, self.storage, self.config = output, storage, config
-        self.counter, self.progress = counter, progress
+        self.tracker = tracker
 
     @property
     def min_rows_per_write(self) -> int:
@@ -114,7 +104,7 @@ class ShardDatasink(Datasink):
         dropped = table.filter(dropped_mask)
         shards = split_into_shards(kept, self.config.shard_rows, self.config.shard_bytes)
         n_parts = max(1, len(shards))
-        first = ray.get(self.counter.take.remote(n_parts))
+        first = ray.get(self.tracker.take_parts.remote(n_parts))
         records = []
         for i in range(n_parts):
             shard = shards[i] if i < len(shards) else None
@@ -145,8 +135,7 @@ class ShardDatasink(Datasink):
                           drops_by_reason=dict(Counter(dropped.column("drop_reason").to_pylist())))
         self.storage.write_bytes_atomic(join(self.output, part_record_name(part)),
                                         json.dumps(record).encode())
-        if self.progress is not None:
-            self.progress.committed.remote(record["rows"], record["bytes"])
+        self.tracker.committed.remote(record["rows"], record["bytes"])
         return record
 
 

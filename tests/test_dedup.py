@@ -100,3 +100,25 @@ def test_segments_merge_and_keep_everything():
     dup = index.check_and_insert(np.arange(100, dtype=np.uint64), np.arange(100, dtype=np.uint64),
                                  np.full(100, 999, dtype=np.uint64))
     assert dup.all()
+
+
+def test_huge_buckets_are_matched_in_bounded_chunks_with_the_same_result():
+    """Thousands of blank images share one bucket; chunking the candidate pairs changes nothing."""
+    rng = np.random.default_rng(1)
+    index = HashIndex(max_distance=3)
+    n = 3000
+    buckets = np.zeros(n, dtype=np.uint64)  # all in one bucket
+    values = rng.integers(0, 2**63, n, dtype=np.int64).view(np.uint64)
+    index.insert(buckets, values, np.arange(n, dtype=np.uint64))
+    q_values = values[:200] ^ np.uint64(0b101)  # 2 bits away from the first 200 entries
+    q_values[100:] = rng.integers(0, 2**63, 100, dtype=np.int64).view(np.uint64)
+    q_owners = np.full(200, 10**9, dtype=np.uint64)
+    segment = index._segments[0]
+    whole = np.zeros(200, dtype=bool)
+    index._match_segment(segment, np.zeros(200, dtype=np.uint64), q_values, q_owners, whole)
+    chunked = np.zeros(200, dtype=bool)
+    index._match_segment(segment, np.zeros(200, dtype=np.uint64), q_values, q_owners, chunked, chunk=7)
+    np.testing.assert_array_equal(whole, chunked)
+    assert whole[:100].all()
+    reference = [min(bin(int(v ^ e)).count("1") for e in values) <= 3 for v in q_values[100:]]
+    np.testing.assert_array_equal(whole[100:], reference)

@@ -140,3 +140,13 @@ def test_draft_decoding_matches_full_decoding_closely():
 def test_webp_output():
     out = render_image(probe_image(_bytes(_gradient()), 10**8), ImageConfig(size=32, format="webp"))
     assert Image.open(io.BytesIO(out.data)).format == "WEBP"
+
+
+def test_stored_phash_is_the_phash_of_the_stored_pixels():
+    src = _bytes(_gradient(900, 700), "JPEG", quality=95)
+    cfg = ImageConfig(size=128)
+    rendered = render_image(probe_image(src, 10**8), cfg)
+    expected = resize_image(decode_image(probe_image(src, 10**8), cfg), cfg)
+    assert rendered.phash == perceptual_hash(expected)
+    stored = Image.open(io.BytesIO(rendered.data)).convert("RGB")
+    assert hamming_distance(rendered.phash, perceptual_hash(stored)) <= 2  # JPEG round trip

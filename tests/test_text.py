@@ -61,3 +61,9 @@ def test_caption_length_filter_reasons_in_chars_and_words():
     assert f.check(CaptionItem("红色的圆形")) == "caption_too_many_words"  # 5 CJK words
     assert f.check(CaptionItem("红色圆形")) == "caption_too_short"  # 4 characters
     assert f.check(CaptionItem("a red circle")) is None
+
+
+def test_unsure_guesses_fall_back_to_an_allowed_language_at_any_threshold():
+    # "orange hexagon": langid's best guess is not English, and unsure; at a strict threshold the
+    # caption is still kept as the best allowed language rather than rejected.
+    assert detect_language("orange hexagon", ("en",), 0.99) == ("en", True)

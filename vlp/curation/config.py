@@ -69,6 +69,8 @@ class ExecutionConfig:
         workers: curation worker actors; 0 means one per CPU of the cluster.
         worker_cpus: CPUs each worker reserves (fractions let readers and writers run beside them).
         batch_size: rows per batch handed to a worker (the fetch concurrency is ``fetch.threads``).
+        decode_threads: image computations (decode, resize, hash, encode) a worker runs at once;
+            0 means one per reserved CPU. Fetches stay ``fetch.threads``-wide.
         progress_interval_s: seconds between progress lines.
         progress_bars: show Ray Data's own progress bars too.
     """
@@ -76,7 +78,8 @@ class ExecutionConfig:
     ray_address: str = ""
     workers: int = 0
     worker_cpus: float = 1.0
-    batch_size: int = 64
+    batch_size: int = 256
+    decode_threads: int = 0
     progress_interval_s: float = 5.0
     progress_bars: bool = False
 

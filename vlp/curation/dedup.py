@@ -111,6 +111,30 @@ class HashIndex:
             hit = _distance(values, value) <= self.max_distance
         return bool(np.any(hit & (owners != owner)))
 
+    def _match_segment(self, segment, buckets, values, owners, dup, chunk: int = 1 << 22) -> None:
+        """Flag queries that match an entry of one sorted segment, without a Python loop per row:
+        every (query, candidate) pair sharing a bucket is expanded into index arrays."""
+        seg_b, seg_v, seg_o = segment
+        lo = np.searchsorted(seg_b, buckets, "left")
+        counts = np.searchsorted(seg_b, buckets, "right") - lo
+        queries = np.flatnonzero(counts)
+        start = 0
+        while start < len(queries):
+            # Bound the pairs held at once (a bucket of millions of blank images must not blow up).
+            csum = np.cumsum(counts[queries[start:]])
+            stop = start + max(1, int(np.searchsorted(csum, chunk, "right")))
+            q = queries[start:stop]
+            n = counts[q]
+            qi = np.repeat(q, n)
+            first = np.repeat(lo[q] - (np.cumsum(n) - n), n)
+            si = first + np.arange(len(qi))
+            if self.max_distance == 0:
+                hit = seg_v[si] == values[qi]
+            else:
+                hit = _distance(seg_v[si], values[qi]) <= self.max_distance
+            dup[qi[hit & (seg_o[si] != owners[qi])]] = True
+            start = stop
+
     def check_and_insert(self, buckets, values, owners) -> np.ndarray:
         """Flags, per entry in order, whether an earlier entry (indexed or earlier in this call)
         matches it; then indexes all of them."""
@@ -118,14 +142,8 @@ class HashIndex:
         values = np.asarray(values, dtype=_U64)
         owners = np.asarray(owners, dtype=_U64)
         dup = np.zeros(len(buckets), dtype=bool)
-        for seg_b, seg_v, seg_o in self._segments:
-            lo = np.searchsorted(seg_b, buckets, "left")
-            hi = np.searchsorted(seg_b, buckets, "right")
-            for i in np.nonzero(hi > lo)[0]:
-                if not dup[i]:
-                    dup[i] = self._matches(
-                        seg_v[lo[i] : hi[i]], seg_o[lo[i] : hi[i]], values[i], owners[i]
-                    )
+        for segment in self._segments:
+            self._match_segment(segment, buckets, values, owners, dup)
         # Within the call: compare each entry with the earlier ones that share its bucket.
         order = np.argsort(buckets, kind="stable")
         sorted_b = buckets[order]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,19 +44,25 @@ def _row(key, source, caption=None, reason=None, detail=None, **fields) -> dict:
     return row
 
 
-def curate_pair(raw: dict, fetch: Callable[[str], bytes], settings: PairSettings) -> dict:
-    """Process one source row (``pipelines.sources.SOURCE_SCHEMA``) into a processed row."""
+def curate_pair(raw: dict, fetch: Callable[[str], bytes], settings: PairSettings,
+                cpu_gate: AbstractContextManager = nullcontext()) -> dict:
+    """Process one source row (``pipelines.sources.SOURCE_SCHEMA``) into a processed row.
+
+    ``cpu_gate`` is held around decoding, hashing and encoding: a worker runs many fetches at once
+    (network latency) but only as many image computations as it has cores (more only fight over the
+    GIL).
+    """
     key, source = raw["key"], raw["source"]
     if raw.get("drop_reason"):
         return _row(key, source, raw.get("caption"), raw["drop_reason"], raw.get("drop_detail"))
     try:
-        return _curate(raw, key, source, fetch, settings)
+        return _curate(raw, key, source, fetch, settings, cpu_gate)
     except Exception as e:  # a bug or an exotic library error costs one row, not the run
         logger.exception("unexpected error on %s", key)
         return _row(key, source, raw.get("caption"), "internal_error", f"{type(e).__name__}: {e}"[:300])
 
 
-def _curate(raw, key, source, fetch, settings: PairSettings) -> dict:
+def _curate(raw, key, source, fetch, settings: PairSettings, cpu_gate) -> dict:
     caption = normalize_caption(raw.get("caption") or "", settings.text)
     if not caption:
         return _row(key, source, raw.get("caption"), "missing_caption", "empty after normalisation")
@@ -80,7 +87,9 @@ def _curate(raw, key, source, fetch, settings: PairSettings) -> dict:
             if reason:
                 return _row(key, source, caption, reason,
                             f"{probed.orig_width}x{probed.orig_height}")
-        rendered = render_image(probed, settings.image)
+        with cpu_gate:
+            rendered = render_image(probed, settings.image)
+            digest = hashlib.sha256(data).hexdigest()
     except ImageDropError as e:
         return _row(key, source, caption, e.reason, e.detail)
     return _row(
@@ -92,6 +101,6 @@ def _curate(raw, key, source, fetch, settings: PairSettings) -> dict:
         height=rendered.height,
         orig_width=probed.orig_width,
         orig_height=probed.orig_height,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=digest,
         phash=rendered.phash,
     )

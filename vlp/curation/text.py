@@ -131,8 +131,9 @@ def warm_up(config: TextConfig = TextConfig()) -> None:
         _t2s_converter()
 
 
-def identify_language(text: str) -> list[tuple[str, float]]:
-    """Candidate languages with probabilities, best first.
+def identify_language(text: str, full: bool = False) -> list[tuple[str, float]]:
+    """Candidate languages with probabilities, best first (only the best when it is at least 0.5
+    likely, unless ``full``).
 
     CJK is decided by script: Kana means Japanese, Hangul Korean, and Han characters without them
     Chinese (Traditional or Simplified; a statistical model splits these into ``zh``/``wuu``/``yue``
@@ -160,7 +161,11 @@ def identify_language(text: str) -> list[tuple[str, float]]:
         if hangul > han:
             return [("ko", share)]
         return [("zh", share)]
-    return [(lang, float(p)) for lang, p in _langid().rank(text)]
+    model = _langid()
+    best, prob = model.classify(text)
+    if prob >= 0.5 and not full:  # the full ranking costs twice as much and is rarely needed
+        return [(best, float(prob))]
+    return [(lang, float(p)) for lang, p in model.rank(text)]
 
 
 def detect_language(
@@ -174,13 +179,12 @@ def detect_language(
     Returns:
         (language code, kept)
     """
-    ranking = identify_language(text)
-    best, prob = ranking[0]
+    best, prob = identify_language(text)[0]
     if best in allowed:
         return best, True
     if prob >= min_confidence:
         return best, False
-    for lang, _ in ranking:
+    for lang, _ in identify_language(text, full=True):
         if lang in allowed:
             return lang, True
     return best, False

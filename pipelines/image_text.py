@@ -86,13 +86,13 @@ _REMOTE_SCHEMES = ("http://", "https://", "s3://")
 class ImageTextProcessor:
     """Ray Data callable class: a batch of source rows in, processed rows (kept or dropped) out."""
 
-    def __init__(self, config: CurationConfig, dedup_shards: list, progress=None):
+    def __init__(self, config: CurationConfig, dedup_shards: list, tracker=None):
         self.config = config
         self.storage = Storage(config.storage)
         self.fetcher = Fetcher(config.fetch, self.storage)
         self.settings = PairSettings(config.text, config.image, build_filters(config.filters))
         self.dedup_shards = dedup_shards
-        self.progress = progress
+        self.tracker = tracker
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
         slots = config.execution.decode_threads or max(1, round(config.execution.worker_cpus))
         self.cpu_gate = threading.BoundedSemaphore(slots)
@@ -113,9 +113,9 @@ class ImageTextProcessor:
             rows[i] = future.result()
         if self.dedup_shards:
             self._dedup(rows)
-        if self.progress is not None:
+        if self.tracker is not None:
             drops = Counter(r["drop_reason"] for r in rows if r["drop_reason"])
-            self.progress.processed_batch.remote(len(rows), len(rows) - sum(drops.values()), dict(drops))
+            self.tracker.processed_batch.remote(len(rows), len(rows) - sum(drops.values()), dict(drops))
         return pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA)
 
     def _dedup(self, rows: list[dict]) -> None:
@@ -229,7 +229,7 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
         )
         ds = ds.map_batches(
             ImageTextProcessor,
-            fn_constructor_kwargs={"config": config, "dedup_shards": shards, "progress": tracker},
+            fn_constructor_kwargs={"config": config, "dedup_shards": shards, "tracker": tracker},
             batch_size=config.execution.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers),

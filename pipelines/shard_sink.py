@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data import Datasink
@@ -67,7 +68,7 @@ def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa
     """Consecutive slices with at most ``max_rows`` rows and about ``max_bytes`` of images each."""
     if table.num_rows == 0:
         return []
-    sizes = np.asarray(pa.compute.binary_length(table.column("image")).to_numpy(zero_copy_only=False))
+    sizes = np.asarray(pc.binary_length(table.column("image")).to_numpy(zero_copy_only=False))
     shards, start, acc = [], 0, 0
     for i, size in enumerate(sizes):
         if i > start and (i - start >= max_rows or acc + size > max_bytes):
@@ -100,7 +101,7 @@ class ShardDatasink(Datasink):
             return []
         table = pa.concat_tables(tables, promote_options="default")
         dropped_mask = table.column("drop_reason").is_valid()
-        kept = table.filter(pa.compute.invert(dropped_mask))
+        kept = table.filter(pc.invert(dropped_mask))
         dropped = table.filter(dropped_mask)
         shards = split_into_shards(kept, self.config.shard_rows, self.config.shard_bytes)
         n_parts = max(1, len(shards))

@@ -87,7 +87,8 @@ def _quickstart(args) -> int:
     started = time.monotonic()
     raw = os.path.join(args.workdir, "raw")
     curated = os.path.join(args.workdir, "curated")
-    shutil.rmtree(args.workdir, ignore_errors=True)
+    for own in (raw, curated):  # only what a previous quickstart made, never the folder itself
+        shutil.rmtree(own, ignore_errors=True)
     print(f"[quickstart] 1/2 generating {args.rows} sample pairs (plus broken cases) in {raw}")
     samples = generate_image_text_samples(raw, args.rows, seed=0)
     print("[quickstart] 2/2 curating them with Ray Data (local Ray, started in-process)")

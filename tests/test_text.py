@@ -67,3 +67,27 @@ def test_unsure_guesses_fall_back_to_an_allowed_language_at_any_threshold():
     # "orange hexagon": langid's best guess is not English, and unsure; at a strict threshold the
     # caption is still kept as the best allowed language rather than rejected.
     assert detect_language("orange hexagon", ("en",), 0.99) == ("en", True)
+
+
+def test_models_load_once_even_when_many_threads_ask_at_once():
+    """Curation workers call the language model from 16 threads; each used to load its own copy."""
+    import threading
+    import time
+
+    from vlp.curation.text import _load_once
+
+    builds = []
+
+    def slow_factory():
+        builds.append(1)
+        time.sleep(0.1)
+        return object()
+
+    load = _load_once(slow_factory)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(load())) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len({id(r) for r in results}) == 1

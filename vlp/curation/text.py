@@ -8,7 +8,6 @@ unreliable on short Latin captions.
 
 from __future__ import annotations
 
-import functools
 import html
 import re
 import threading
@@ -37,17 +36,31 @@ class TextConfig:
     traditional_to_simplified: bool = False
 
 
-# Models load once per process, under a lock: curation workers call these from many threads at once,
-# and an unguarded lazy load would have every thread load its own copy.
-_LOAD_LOCK = threading.Lock()
+def _load_once(factory):
+    """A loader that builds its model once per process, even when many threads ask at once.
+
+    Curation workers call the models from many threads; ``functools.lru_cache`` does not serialise
+    concurrent first calls, so every thread would build its own copy.
+    """
+    lock, box = threading.Lock(), []
+
+    def load():
+        if not box:
+            with lock:
+                if not box:
+                    box.append(factory())
+        return box[0]
+
+    return load
 
 
-@functools.lru_cache(maxsize=1)
-def _t2s_converter():
-    with _LOAD_LOCK:
-        import opencc
+def _make_t2s():
+    import opencc
 
-        return opencc.OpenCC("t2s")
+    return opencc.OpenCC("t2s")
+
+
+_t2s_converter = _load_once(_make_t2s)
 
 
 def normalize_caption(text: str, config: TextConfig = TextConfig()) -> str:
@@ -110,18 +123,13 @@ def count_words(text: str) -> int:
     return words
 
 
-_LANGID = None
+def _make_langid():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
-def _langid():
-    global _LANGID
-    if _LANGID is None:
-        with _LOAD_LOCK:
-            if _LANGID is None:
-                from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-                _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    return _LANGID
+_langid = _load_once(_make_langid)
 
 
 def warm_up(config: TextConfig = TextConfig()) -> None:
@@ -179,12 +187,15 @@ def detect_language(
     Returns:
         (language code, kept)
     """
-    best, prob = identify_language(text)[0]
+    ranking = identify_language(text)
+    best, prob = ranking[0]
     if best in allowed:
         return best, True
     if prob >= min_confidence:
         return best, False
-    for lang, _ in identify_language(text, full=True):
+    if len(ranking) == 1:  # only the confident best came back; the fallback needs the others
+        ranking = identify_language(text, full=True)
+    for lang, _ in ranking:
         if lang in allowed:
             return lang, True
     return best, False

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from pipelines.ray_runtime import ensure_ray
+
 from vlp.config import config_hash, to_dict
 from vlp.curation.config import CurationConfig, output_affecting
 from vlp.curation.dedup import (
@@ -137,24 +139,6 @@ class ImageTextProcessor:
                 rows[i].update(drop_reason=reason, image=None)
 
 
-def _ensure_ray(address: str) -> bool:
-    """Connect to Ray, or start the embedded one; True when this call started it (and must stop it).
-
-    ``address`` wins; else ``RAY_ADDRESS`` (set for Ray job entrypoints); else a new local Ray in this
-    process, never a cluster that happens to run on the machine (plain ``ray.init()`` would attach to
-    the last ``ray start``).
-    """
-    if ray.is_initialized():
-        return False
-    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if address:
-        kwargs["address"] = address
-    elif not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(address="local", include_dashboard=False)
-    ray.init(**kwargs)
-    return True
-
-
 def _check_output(output: str, storage: Storage, resume: bool, fingerprint: str):
     state = load_output_state(output, storage, clean=resume)
     has_content = bool(state.records) or state.manifest is not None
@@ -207,7 +191,7 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
             "config": to_dict(config), "config_hash": fingerprint, "shards": [],
         }, indent=2, ensure_ascii=False).encode())
 
-    started_ray = _ensure_ray(config.execution.ray_address)
+    started_ray = ensure_ray(config.execution.ray_address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = config.execution.progress_bars

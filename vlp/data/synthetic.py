@@ -252,3 +252,32 @@ def generate_image_text_samples(
         json.dump(expected, f, indent=1, sort_keys=True)
     groups = [{next(iter(keep_files)), "dup_exact", "dup_near"}] if broken else []
     return SampleSet(root, manifest, expected, groups)
+
+
+def generate_classification_set(root: str, per_class: int = 20, seed: int = 1,
+                                size: int = 128) -> dict:
+    """A labelled zero-shot classification set: which shape is in the image (any colour, size, place).
+
+    Writes ``data.parquet`` (``image`` JPEG bytes, ``label``) and ``classes.json`` (class names in
+    English and Chinese, as the prompt templates of ``vlp eval`` expect).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(seed)
+    names = list(SHAPES)
+    images, labels = [], []
+    for label, shape in enumerate(names):
+        for _ in range(per_class):
+            spec = SampleSpec(rng.choice(list(COLOURS)), shape, rng.choice(list(SIZES)),
+                              rng.choice(list(PLACES)))
+            images.append(_encode(draw_sample(spec, size, size, rng), "JPEG", quality=90))
+            labels.append(label)
+    os.makedirs(root, exist_ok=True)
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()),
+                             "label": pa.array(labels, pa.int32())}),
+                   os.path.join(root, "data.parquet"))
+    classes = {"task": "shape", "classnames": {"en": names, "zh": [SHAPES[n] for n in names]}}
+    with open(os.path.join(root, "classes.json"), "w", encoding="utf-8") as f:
+        json.dump(classes, f, ensure_ascii=False, indent=2)
+    return classes

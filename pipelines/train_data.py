@@ -1,0 +1,73 @@
+"""The training input pipeline: curated shards -> decoded, augmented, tokenized batches, on Ray Data.
+
+``split_shards`` reads the shard folder's manifest and sets the held-out shards apart;
+``build_train_dataset`` is the Ray Data job Ray Train streams from (``datasets={"train": ...}``): read
+the ``image`` and ``caption`` columns, then ``prepare_train_batch`` on CPU tasks, so GPU workers only
+train. Files are shuffled every epoch and rows within a window on each worker.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from vlp.config import ConfigError
+from vlp.data.schema import MANIFEST_FILE
+from vlp.data.storage import Storage, join
+from vlp.data.transforms import prepare_train_batch
+from vlp.train.config import DataConfig
+
+
+@dataclass
+class ShardSplit:
+    train_files: list[str]
+    train_rows: int
+    eval_files: list[str]
+    eval_rows: int
+    manifest: dict
+    manifest_uri: str
+
+
+def read_manifest(folder: str, storage: Storage) -> tuple[dict, list[tuple[str, int]]]:
+    uri = join(folder, MANIFEST_FILE)
+    if not storage.exists(uri):
+        raise ConfigError(f"{folder} has no {MANIFEST_FILE}: is it a curated shard folder? "
+                          "(vlp curate images writes one)")
+    manifest = json.loads(storage.read_bytes(uri))
+    if manifest.get("status") != "complete":
+        raise ConfigError(f"the curation run in {folder} is not complete: finish it with --resume")
+    shards = [(join(folder, s["name"]), int(s["rows"])) for s in manifest.get("shards", []) if s["rows"]]
+    if not shards:
+        raise ConfigError(f"{folder} holds no rows to train on")
+    return manifest, shards
+
+
+def split_shards(data: DataConfig, storage: Storage) -> ShardSplit:
+    if not data.train:
+        raise ConfigError("data.train is empty: give the curated shard folder (--set data.train=DIR)")
+    manifest, shards = read_manifest(data.train, storage)
+    eval_shards: list[tuple[str, int]] = []
+    if data.eval:
+        _, eval_shards = read_manifest(data.eval, storage)
+    elif data.holdout_shards:
+        if data.holdout_shards >= len(shards):
+            raise ConfigError(f"data.holdout_shards={data.holdout_shards} leaves nothing to train on: "
+                              f"{data.train} has {len(shards)} shards")
+        shards, eval_shards = shards[:-data.holdout_shards], shards[-data.holdout_shards:]
+    return ShardSplit(train_files=[p for p, _ in shards], train_rows=sum(n for _, n in shards),
+                      eval_files=[p for p, _ in eval_shards], eval_rows=sum(n for _, n in eval_shards),
+                      manifest=manifest, manifest_uri=join(data.train, MANIFEST_FILE))
+
+
+def build_train_dataset(files: list[str], data: DataConfig, *, image_size: int, max_text_length: int,
+                        tokenizer_dir: str, storage: Storage):
+    import ray.data
+
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "caption"],
+                               shuffle="files")
+    return ds.map_batches(
+        prepare_train_batch, batch_size=data.decode_batch_size, batch_format="numpy",
+        fn_kwargs=dict(image_size=image_size, max_text_length=max_text_length,
+                       tokenizer_path=tokenizer_dir, min_crop_scale=data.min_crop_scale))

@@ -1,0 +1,1 @@
+"""Evaluation: pure metrics (``metrics``) and the zero-shot runner (``zero_shot``)."""

@@ -1,0 +1,172 @@
+"""Zero-shot evaluation of a dual encoder: retrieval on held-out shards, classification by prompts.
+
+``evaluate`` is called at the end of training, every ``eval_every`` steps (rank 0), and by
+``vlp eval`` on a saved model. Retrieval runs on held-out image-text shards (overall and per caption
+language); classification runs on a labelled folder (``data.parquet`` with ``image`` and ``label``,
+``classes.json`` with the class names per language), with English and Chinese prompt templates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from vlp.config import ConfigError
+from vlp.data.storage import Storage, join
+from vlp.data.tokenizer import tokenize_captions
+from vlp.data.transforms import decode_images, pixels_to_model
+from vlp.eval.metrics import chance_recall, classifier_weights, retrieval_recall, zero_shot_accuracy
+
+CLASSES_FILE = "classes.json"
+CLASSIFICATION_DATA = "data.parquet"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    templates: dict[str, list[str]] = field(default_factory=lambda: {
+        "en": ["a {}.", "a photo of a {}.", "an image showing a {}."],
+        "zh": ["一个{}", "一张{}的照片", "图片里有一个{}"],
+    })
+    batch_size: int = 256
+    max_rows: int = 5000  # held-out pairs used for retrieval (the first ones, in shard order)
+
+    def __post_init__(self):
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError("eval.ks must be positive integers")
+        for lang, templates in self.templates.items():
+            bad = [t for t in templates if "{}" not in t]
+            if bad:
+                raise ConfigError(f"eval.templates.{lang}: {bad[0]!r} has no {{}} for the class name")
+
+
+@dataclass
+class PairSet:
+    images: list[bytes]
+    captions: list[str]
+    langs: list[str]
+
+
+def load_pairs(files: list[str], storage: Storage, max_rows: int) -> PairSet:
+    tables, n = [], 0
+    for path in files:
+        with storage.open_input(path) as f:
+            t = pq.read_table(pa.BufferReader(f.read()), columns=["image", "caption", "lang"])
+        tables.append(t.slice(0, max_rows - n))
+        n += tables[-1].num_rows
+        if n >= max_rows:
+            break
+    if not n:
+        raise ConfigError(f"no held-out rows to evaluate on in {files[:3]}")
+    t = pa.concat_tables(tables)
+    return PairSet(t.column("image").to_pylist(), t.column("caption").to_pylist(),
+                   t.column("lang").to_pylist())
+
+
+@torch.no_grad()
+def encode_images(model, images: list[bytes], image_size: int, batch_size: int,
+                  device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(decode_images(images[i:i + batch_size], image_size))
+        out.append(model.encode_image(pixels_to_model(pixels.to(device))).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenize_captions(tokenizer, texts[i:i + batch_size], max_length)
+        out.append(model.encode_text(torch.from_numpy(tok["input_ids"]).to(device),
+                                     torch.from_numpy(tok["attention_mask"]).to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate_retrieval(model, tokenizer, pairs: PairSet, cfg: EvalConfig, device) -> dict[str, float]:
+    mcfg = model.cfg
+    img = encode_images(model, pairs.images, mcfg.image_size, cfg.batch_size, device)
+    txt = encode_texts(model, tokenizer, pairs.captions, mcfg.max_text_length, cfg.batch_size, device)
+    metrics = {f"retrieval/{k}": v for k, v in retrieval_recall(img, txt, cfg.ks).items()}
+    metrics["retrieval/chance_R1"] = chance_recall(len(pairs.captions), 1)
+    langs = np.array(pairs.langs)
+    for lang in sorted(set(pairs.langs)):
+        idx = torch.from_numpy(np.flatnonzero(langs == lang))
+        if len(idx) >= 2:
+            per = retrieval_recall(img[idx], txt[idx], cfg.ks)
+            metrics.update({f"retrieval_{lang}/{k}": v for k, v in per.items()})
+    return metrics
+
+
+def evaluate_classification(model, tokenizer, folder: str, cfg: EvalConfig, device,
+                            storage: Storage) -> dict[str, float]:
+    classes = json.loads(storage.read_bytes(join(folder, CLASSES_FILE)))
+    with storage.open_input(join(folder, CLASSIFICATION_DATA)) as f:
+        table = pq.read_table(pa.BufferReader(f.read()), columns=["image", "label"])
+    labels = torch.tensor(table.column("label").to_pylist())
+    img = encode_images(model, table.column("image").to_pylist(), model.cfg.image_size,
+                        cfg.batch_size, device)
+    metrics: dict[str, float] = {}
+    for lang, names in classes["classnames"].items():
+        templates = cfg.templates.get(lang)
+        if not templates:
+            continue
+        prompts = [t.format(name) for name in names for t in templates]
+        emb = encode_texts(model, tokenizer, prompts, model.cfg.max_text_length, cfg.batch_size, device)
+        weights = classifier_weights(emb.view(len(names), len(templates), -1))
+        acc = zero_shot_accuracy(img, weights, labels, ks=(1,))
+        metrics[f"zeroshot_{lang}/top1"] = acc["top1"]
+        metrics[f"zeroshot_{lang}/chance"] = 100.0 / len(names)
+    return metrics
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
+             classification: str | None, storage: Storage, device=None) -> dict[str, float]:
+    """All zero-shot metrics of ``model`` (an unwrapped ``DualEncoder``), in eval mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        metrics: dict[str, float] = {}
+        if retrieval_files:
+            pairs = load_pairs(retrieval_files, storage, cfg.max_rows)
+            metrics.update(evaluate_retrieval(model, tokenizer, pairs, cfg, device))
+        if classification:
+            metrics.update(evaluate_classification(model, tokenizer, classification, cfg, device,
+                                                   storage))
+        return metrics
+    finally:
+        model.train(was_training)
+
+
+def recall_bar_chart(metrics: dict[str, float], path: str, title: str = "zero-shot retrieval") -> str:
+    """A bar chart of recall@K per direction (and language), saved as PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({k.split("/")[0] for k in metrics if k.startswith("retrieval")})
+    ks = sorted({k.split("_R")[-1] for k in metrics if "_R" in k and "chance" not in k}, key=int)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(1, 2 * len(groups))
+    for g_i, group in enumerate(groups):
+        for d_i, direction in enumerate(("i2t", "t2i")):
+            vals = [metrics.get(f"{group}/{direction}_R{k}", 0.0) for k in ks]
+            offset = (2 * g_i + d_i) * width
+            ax.bar([i + offset for i in range(len(ks))], vals, width, label=f"{group} {direction}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ks))], [f"R@{k}" for k in ks])
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,49 @@
+"""Typed configs of the models: one per encoder tower, one for the dual encoder that joins them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vlp.config import ConfigError
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """One tower. ``name`` picks a registered encoder class; ``preset`` a size of it.
+
+    ``pretrained_path`` loads a local Hugging Face folder instead of building from the preset (no hub
+    access at run time); ``options`` overrides fields of the underlying ``transformers`` config
+    (for example ``{num_hidden_layers: 4}``), checked against that config's own fields.
+    """
+
+    name: str = "vit"
+    preset: str = "tiny"
+    pretrained_path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    pooling: Literal["cls", "mean"] = "cls"
+    gradient_checkpointing: bool = False
+    # Locked tower (LiT): its weights stay as loaded and it runs in eval mode; its projection still trains.
+    locked: bool = False
+
+
+@dataclass(frozen=True)
+class DualEncoderConfig:
+    image: EncoderConfig = field(default_factory=EncoderConfig)
+    text: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="bert"))
+    image_size: int = 64
+    max_text_length: int = 32
+    embed_dim: int = 128
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    # SigLIP's learnable bias (its paper starts at -10); None for the softmax losses, which ignore it.
+    init_logit_bias: float | None = None
+
+    def __post_init__(self):
+        if self.image_size < 8 or self.max_text_length < 4 or self.embed_dim < 1:
+            raise ConfigError("model: image_size >= 8, max_text_length >= 4 and embed_dim >= 1")
+        if not 0 < self.init_temperature < 1:
+            raise ConfigError("model.init_temperature must be in (0, 1)")
+        if self.max_logit_scale <= 1.0 / self.init_temperature - 1e-6:
+            # the clamp would cut the initial scale: almost certainly a typo
+            raise ConfigError("model.max_logit_scale must exceed 1 / init_temperature")

@@ -1,0 +1,135 @@
+"""Encoder towers: a registry of image and text encoders with one interface each.
+
+Image encoders map pixels ``(B, 3, H, W)`` (normalised floats) to features ``(B, width)``; text
+encoders map ``input_ids`` and ``attention_mask`` ``(B, L)`` to features ``(B, width)``. Each class
+registers itself in ``IMAGE_ENCODERS`` or ``TEXT_ENCODERS`` and is built from an ``EncoderConfig``;
+a new tower is a new class plus a registration (the registry-wide tests then cover it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlp.config import ConfigError
+from vlp.models.config import EncoderConfig
+from vlp.registry import Registry
+
+IMAGE_ENCODERS: Registry[type[nn.Module]] = Registry("image encoder")
+TEXT_ENCODERS: Registry[type[nn.Module]] = Registry("text encoder")
+
+# Sizes of the standard ViTs (tiny is ours: small enough to learn on 2 CPU cores in minutes).
+VIT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                 patch_size=8),
+    "s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                 patch_size=16),
+    "b-16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, patch_size=16),
+    "l-14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 intermediate_size=4096, patch_size=14),
+}
+BERT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "small": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072),
+}
+
+
+def _hf_config(config_cls, presets: dict, cfg: EncoderConfig, **fixed: Any):
+    if cfg.preset not in presets:
+        raise ConfigError(f"unknown preset {cfg.preset!r} for encoder {cfg.name!r}; "
+                          f"presets: {', '.join(presets)}")
+    known = set(config_cls().to_dict())
+    unknown = sorted(set(cfg.options) - known)
+    if unknown:
+        raise ConfigError(f"encoder {cfg.name!r}: unknown option {unknown[0]!r} "
+                          f"(options are fields of transformers' {config_cls.__name__})")
+    return config_cls(**{**presets[cfg.preset], **fixed, **cfg.options})
+
+
+def _check_folder(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"pretrained_path {path!r} is not a Hugging Face model folder "
+                          "(no config.json in it)")
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    if how == "cls" or mask is None:
+        return hidden[:, 0] if how == "cls" else hidden.mean(dim=1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+@IMAGE_ENCODERS.register("vit")
+class ViTImageEncoder(nn.Module):
+    """A ViT from ``transformers`` (built from a preset, or loaded from a local folder)."""
+
+    def __init__(self, cfg: EncoderConfig, *, image_size: int, **_: Any):
+        super().__init__()
+        from transformers import ViTConfig, ViTModel
+
+        if cfg.pretrained_path:
+            _check_folder(cfg.pretrained_path)
+            self.vit = ViTModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
+            if self.vit.config.image_size != image_size:
+                raise ConfigError(f"{cfg.pretrained_path} expects {self.vit.config.image_size}px "
+                                  f"images; set model.image_size to it")
+        else:
+            hf = _hf_config(ViTConfig, VIT_PRESETS, cfg, image_size=image_size)
+            if image_size % hf.patch_size:
+                raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch "
+                                  f"size {hf.patch_size}")
+            self.vit = ViTModel(hf, add_pooling_layer=False)
+        self.pooling = cfg.pooling
+        self.width = self.vit.config.hidden_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        hidden = self.vit(pixel_values=pixels).last_hidden_state
+        return _pool(hidden, None, self.pooling)
+
+
+@TEXT_ENCODERS.register("bert")
+class BertTextEncoder(nn.Module):
+    """A BERT-style encoder (built from a preset for our tokenizer, or any local HF text folder)."""
+
+    def __init__(self, cfg: EncoderConfig, *, vocab_size: int, pad_token_id: int,
+                 max_text_length: int, **_: Any):
+        super().__init__()
+        from transformers import AutoModel, BertConfig, BertModel
+
+        if cfg.pretrained_path:
+            _check_folder(cfg.pretrained_path)
+            self.bert = AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
+            if self.bert.config.vocab_size < vocab_size:
+                raise ConfigError(
+                    f"the tokenizer has {vocab_size} entries but {cfg.pretrained_path} embeds only "
+                    f"{self.bert.config.vocab_size}: use the tokenizer saved with that model")
+        else:
+            hf = _hf_config(BertConfig, BERT_PRESETS, cfg, vocab_size=vocab_size,
+                            pad_token_id=pad_token_id,
+                            max_position_embeddings=max(64, max_text_length))
+            self.bert = BertModel(hf, add_pooling_layer=False)
+        self.pooling = cfg.pooling
+        self.width = self.bert.config.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return _pool(hidden, attention_mask, self.pooling)
+
+
+def build_encoder(registry: Registry, cfg: EncoderConfig, **context: Any) -> nn.Module:
+    """Build a registered tower; apply gradient checkpointing and locking as the config asks."""
+    encoder = registry.get(cfg.name)(cfg, **context)
+    if cfg.gradient_checkpointing:
+        for module in encoder.modules():
+            if hasattr(module, "gradient_checkpointing_enable"):
+                module.gradient_checkpointing_enable()
+                break
+    if cfg.locked:
+        encoder.requires_grad_(False)
+    return encoder

@@ -1,0 +1,37 @@
+"""The image-text contrastive objective: the model's embeddings into the configured loss strategy.
+
+Which negatives and which communication (``global``, ``local``, ``grouped``, ``sigmoid``) is the
+loss config's business (``vlp.losses``); this objective only wires model outputs to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlp.config import ConfigError
+from vlp.losses import ContrastiveLossConfig, build_contrastive_loss
+from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
+
+
+@register_objective("contrastive")
+class ContrastiveObjective(Objective):
+    @dataclass(frozen=True)
+    class Config:
+        weight: float = 1.0
+        loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
+
+    def __init__(self, cfg: Config, *, local_world_size: int | None = None, **context):
+        super().__init__(cfg)
+        self.loss = build_contrastive_loss(cfg.loss, local_world_size=local_world_size)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        bias = outputs.get("logit_bias")
+        if self.cfg.loss.mode == "sigmoid" and bias is None:
+            raise ConfigError("the sigmoid loss needs a learnable bias: set model.init_logit_bias "
+                              "(SigLIP uses -10)")
+        out = self.loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
+                        logit_bias=bias)
+        return ObjectiveOutput(loss=out.loss, comm=out.comm,
+                               metrics={"negatives": float(out.num_negatives)})

@@ -1,0 +1,147 @@
+"""``vlp train``: the driver side of a training run on Ray Train.
+
+Works out the plan once (shard split, tokenizer, MLflow run), builds the Ray Data input pipeline and
+a ``TorchTrainer`` (Train V2) with the configured workers, failure policy and checkpoint storage,
+runs it, and prints a summary. A rerun with the same ``run_name`` and ``output_dir`` resumes from the
+latest checkpoint (Ray Train restores it) and appends to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+from vlp.config import ConfigError, to_dict
+from vlp.data.storage import Storage, is_s3
+from vlp.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from vlp.train.config import TrainConfig
+from vlp.train.loop import EVAL_FILE, RunPlan, train_worker
+from vlp.train.tracking import finish_run, open_run, resolve_tracking_uri
+
+
+class TrainingError(RuntimeError):
+    """Training did not finish; the message says why and what to do."""
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    checkpoint: str
+    metrics: dict
+    steps: int
+    samples: int
+    seconds: float
+
+
+def _absolute(path: str) -> str:
+    return path if not path or is_s3(path) else os.path.abspath(path)
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Ray workers run in their own working folders: every local path must be absolute first."""
+    data = replace(cfg.data, train=_absolute(cfg.data.train), eval=_absolute(cfg.data.eval),
+                   classification=_absolute(cfg.data.classification),
+                   tokenizer=_absolute(cfg.data.tokenizer))
+    return replace(cfg, data=data, output_dir=_absolute(cfg.output_dir))
+
+
+def run_training(cfg: TrainConfig, *, pid_dir: str = "", stream=sys.stdout) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.train_data import build_train_dataset, split_shards
+
+    started = time.monotonic()
+    cfg = _absolute_paths(cfg)
+    storage = Storage(cfg.data.storage)
+    split = split_shards(cfg.data, storage)
+    tokenizer_dir = resolve_tokenizer_path(cfg.data.tokenizer, cfg.data.train)
+    tokenizer = load_tokenizer(tokenizer_dir, storage)  # fail here, not in every worker
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    run_id = open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
+                      manifest_uri=split.manifest_uri)
+    print(f"[train] {cfg.run_name}: {split.train_rows:,} training pairs in {len(split.train_files)} "
+          f"shards, {split.eval_rows:,} held out; tokenizer {len(tokenizer):,} entries; "
+          f"{cfg.scaling.num_workers} workers; MLflow run {run_id} at {tracking_uri}",
+          file=stream, flush=True)
+    plan = RunPlan(train_rows=split.train_rows, tokenizer_dir=tokenizer_dir,
+                   eval_files=split.eval_files, classification=cfg.data.classification,
+                   tracking_uri=tracking_uri, mlflow_run_id=run_id, pid_dir=pid_dir)
+
+    started_ray = ensure_ray(cfg.scaling.ray_address)
+    status = "FAILED"
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        dataset = build_train_dataset(split.train_files, cfg.data, image_size=cfg.model.image_size,
+                                      max_text_length=cfg.model.max_text_length,
+                                      tokenizer_dir=tokenizer_dir, storage=storage)
+        sc = cfg.scaling
+        workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
+        fs, root = storage.resolve(cfg.output_dir)
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"config": to_dict(cfg), "plan": asdict(plan)},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=sc.use_gpu,
+                resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=cfg.run_name, storage_path=root,
+                storage_filesystem=fs if is_s3(cfg.output_dir) else None,
+                failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.schedule.keep_checkpoints)),
+            datasets={"train": dataset},
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps the worker's error; show its message, not the stack
+            raise TrainingError(f"training run {cfg.run_name!r} failed: {_root_cause(e)}\n"
+                                f"  checkpoints: {os.path.join(cfg.output_dir, cfg.run_name)}; rerun "
+                                "the same command to resume from the latest") from e
+        if result.checkpoint is None:
+            raise TrainingError(f"training run {cfg.run_name!r} ended without a checkpoint")
+        with result.checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, EVAL_FILE)) as f:
+                metrics = json.load(f)
+            with open(os.path.join(folder, "state.json")) as f:
+                state = json.load(f)
+        status = "FINISHED"
+        return TrainResult(run_name=cfg.run_name, mlflow_run_id=run_id, tracking_uri=tracking_uri,
+                           checkpoint=result.checkpoint.path, metrics=metrics, steps=state["step"],
+                           samples=state["samples"], seconds=time.monotonic() - started)
+    finally:
+        finish_run(tracking_uri, run_id, status)
+        if started_ray:
+            ray.shutdown()
+
+
+def _root_cause(error: BaseException) -> str:
+    seen = error
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    tail = [line for line in text if line.strip()][-1:] or [type(seen).__name__]
+    return tail[0][:500]
+
+
+def format_train_summary(result: TrainResult) -> str:
+    m = result.metrics
+    rows = [("run", result.run_name), ("steps", f"{result.steps:,}"),
+            ("samples seen", f"{result.samples:,}"), ("time", f"{result.seconds:.0f} s")]
+    for key in ("retrieval/i2t_R1", "retrieval/t2i_R1", "retrieval/i2t_R5", "retrieval/t2i_R5",
+                "retrieval/mean_recall", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1",
+                "zeroshot_en/chance"):
+        if key in m:
+            rows.append((key, f"{m[key]:.1f}"))
+    rows += [("checkpoint", result.checkpoint), ("MLflow run", result.mlflow_run_id)]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    ui = (f"mlflow ui --backend-store-uri {result.tracking_uri}"
+          if result.tracking_uri.startswith("sqlite") else f"open {result.tracking_uri}")
+    return "\n".join(["[train] summary", *lines, f"[train] look at it: {ui}"])

@@ -1,0 +1,48 @@
+"""AdamW with linear warmup and cosine decay, driven by training progress in samples.
+
+The schedule reads progress as samples seen over samples planned, not as a step count, so it stays
+right when an elastic run changes its world size (and so its global batch) halfway through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlp.train.config import OptimConfig
+
+
+def scaled_lr(cfg: OptimConfig, world_size: int) -> float:
+    """The peak learning rate for ``world_size`` workers (the config's lr is for base_world_size)."""
+    ratio = world_size / cfg.base_world_size
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+    return cfg.lr * factor
+
+
+def lr_at(peak: float, cfg: OptimConfig, step: int, progress: float) -> float:
+    """Warmup over the first ``warmup_steps`` steps, then cosine from ``peak`` to
+    ``peak * min_lr_ratio`` as ``progress`` (fraction of planned samples) goes from 0 to 1."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms, embeddings' scalars and the logit scale/bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # a locked tower
+        (no_decay if param.ndim < 2 or name.startswith("logit_") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

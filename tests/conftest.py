@@ -156,3 +156,13 @@ def samples(tmp_path_factory):
     from vlp.data.synthetic import generate_image_text_samples
 
     return generate_image_text_samples(str(tmp_path_factory.mktemp("samples")), 60, seed=1)
+
+
+@pytest.fixture
+def cli_env():
+    """Environment for a CLI subprocess: its own Ray temp dir (short, as Ray's socket paths must be)."""
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="vlpcli-", dir="/tmp")
+    yield dict(os.environ, RAY_TMPDIR=temp)
+    shutil.rmtree(temp, ignore_errors=True)

@@ -28,16 +28,6 @@ from vlp.data.schema import IMAGE_TEXT_SCHEMA, check_shard_schema
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def cli_env():
-    """Environment for a CLI subprocess: its own Ray temp dir (short, as Ray's socket paths must be)."""
-    import tempfile
-
-    temp = tempfile.mkdtemp(prefix="vlpcli-", dir="/tmp")
-    yield dict(os.environ, RAY_TMPDIR=temp)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def _config(*overrides):
     return load_config(CurationConfig, None, ["execution.progress_interval_s=1", *overrides])
 
@@ -289,15 +279,3 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path, cli_env)
     stats = json.load(open(os.path.join(out, "_stats.json")))
     assert stats["rows_read"] == len(big.expected)
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]
-
-
-@pytest.mark.slow
-def test_quickstart_main_job_runs_and_keeps_exactly_the_clean_pairs(tmp_path, cli_env):
-    """The README's main command (`vlp quickstart`), at a smaller size."""
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "quickstart", "--workdir", str(tmp_path / "qs"),
-                        "--rows", "40"], capture_output=True, text=True, timeout=600,
-                       env=cli_env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "rows written" in r.stderr and "(expected 41)" in r.stdout
-    stats = json.load(open(tmp_path / "qs" / "curated" / "_stats.json"))
-    assert stats["rows_written"] == 41  # 40 clean + the cleaned HTML caption

@@ -39,6 +39,9 @@ class DataConfig:
     shuffle_buffer: int = 512
     prefetch_batches: int = 2
     decode_batch_size: int = 64
+    # CPUs Ray reserves per read and decode task. Below 1 lets the input pipeline share a small
+    # machine with the training workers (they must leave at least this much free, or nothing is read).
+    cpus_per_data_task: float = 1.0
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self):
@@ -46,6 +49,8 @@ class DataConfig:
             raise ConfigError("data.batch_size must be at least 2 (contrastive negatives)")
         if not 0.05 <= self.min_crop_scale <= 1.0:
             raise ConfigError("data.min_crop_scale must be in [0.05, 1]")
+        if self.cpus_per_data_task <= 0:
+            raise ConfigError("data.cpus_per_data_task must be > 0")
         if self.holdout_shards < 0:
             raise ConfigError("data.holdout_shards must be >= 0")
 
@@ -107,6 +112,7 @@ class TrackingConfig:
     tracking_uri: str = ""
     experiment: str = "vlp"
     system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
     log_checkpoints: bool = True
 
 
@@ -134,6 +140,9 @@ class TrainConfig:
         parse_objectives(self.objectives)  # fail at load time, naming the key
         if self.feature_accumulation < 1:
             raise ConfigError("feature_accumulation must be >= 1")
+        if self.feature_accumulation > 1 and set(self.objectives) != {"contrastive"}:
+            raise ConfigError("feature_accumulation pools contrastive features: it works with the "
+                              "contrastive objective alone")
         if self.feature_accumulation > 1 and self.optim.grad_accum_steps > 1:
             raise ConfigError("use either feature_accumulation (more negatives) or "
                               "optim.grad_accum_steps (bigger batch, same negatives), not both")

@@ -50,7 +50,14 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, data=data, output_dir=_absolute(cfg.output_dir))
 
 
-def run_training(cfg: TrainConfig, *, pid_dir: str = "", stream=sys.stdout) -> TrainResult:
+def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
+                 stream=sys.stdout) -> TrainResult:
+    """Train as ``cfg`` says and return the result; raises ``TrainingError`` when the run fails.
+
+    ``dataset`` replaces the input pipeline built from ``cfg.data.train`` (a Ray Dataset of
+    ``pixels``/``input_ids``/``attention_mask`` rows): benchmarks feed the same loop from memory with
+    it. ``pid_dir`` makes each worker write its PID there (tests kill workers by PID).
+    """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -79,9 +86,10 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", stream=sys.stdout) -> T
     status = "FAILED"
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        dataset = build_train_dataset(split.train_files, cfg.data, image_size=cfg.model.image_size,
-                                      max_text_length=cfg.model.max_text_length,
-                                      tokenizer_dir=tokenizer_dir, storage=storage)
+        if dataset is None:
+            dataset = build_train_dataset(split.train_files, cfg.data, image_size=cfg.model.image_size,
+                                          max_text_length=cfg.model.max_text_length,
+                                          tokenizer_dir=tokenizer_dir, storage=storage)
         sc = cfg.scaling
         workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
         fs, root = storage.resolve(cfg.output_dir)

@@ -1,9 +1,10 @@
 """The one training loop, run by every Ray Train worker.
 
 ``train_worker`` is the thin Ray Train entry point: read the context, get this worker's dataset
-shard, build a ``Trainer`` and run it. The ``Trainer`` owns the step: it calls the registered
-objectives and sums their weighted losses; it never talks to other ranks except through
-``vlp.distributed`` (the objectives' losses do their own gathers; DDP averages parameter gradients).
+shard, build a ``Trainer`` and run it. The ``Trainer`` owns the run: data position, optimiser
+updates, logging, evaluation, checkpoints. The step's forward and backward are in ``vlp.train.steps``
+(they call the registered objectives and sum their weighted losses). Nothing here talks to other ranks
+except through ``vlp.distributed`` (the losses gather; DDP averages parameter gradients).
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ import torch
 
 from vlp.config import from_dict
 from vlp.data.transforms import cached_tokenizer, pixels_to_model
-from vlp.distributed.reduce import all_reduce_sum
 from vlp.models import DualEncoder
 from vlp.objectives import build_objectives
 from vlp.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig
 from vlp.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from vlp.train.steps import StepContext, feature_cache_step, plain_step
 from vlp.train.tracking import RankZeroLogger
 
 EVAL_FILE = "eval.json"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops instead of going on with broken weights."""
 
 
 @dataclass
@@ -97,7 +94,8 @@ class Trainer:
                              f"{self.global_batch} (batch_size x workers x accumulation): lower "
                              "data.batch_size or add data")
         self.log = RankZeroLogger(plan.tracking_uri, plan.mlflow_run_id, active=rank == 0,
-                                  system_metrics=config.tracking.system_metrics)
+                                  system_metrics=config.tracking.system_metrics,
+                                  system_metrics_interval_s=config.tracking.system_metrics_interval_s)
         if rank == 0 and checkpoint:
             print(f"[train] resumed at step {self.state.step} ({self.state.samples:,} samples) with "
                   f"{world_size} workers", flush=True)
@@ -133,86 +131,6 @@ class Trainer:
         return contextlib.nullcontext()
 
     # ---- one optimiser step -----------------------------------------------------------------------
-    def _objective_losses(self, outputs, batch) -> tuple[torch.Tensor, dict[str, float], list]:
-        """The weighted sum of every objective's loss, the parts to log, and the outputs (whose
-        byte counters are complete only after backward)."""
-        total, parts, outs = None, {}, []
-        for name, objective in self.objectives.items():
-            out = objective(outputs, batch)
-            term = objective.cfg.weight * out.loss
-            total = term if total is None else total + term
-            parts[f"loss/{name}"] = out.loss.detach()
-            outs.append(out)
-        return total, parts, outs
-
-    def _check_finite(self, total: torch.Tensor, parts: dict) -> torch.Tensor:
-        """All ranks agree on the mean loss and on whether any rank went non-finite (one tiny
-        all-reduce), so every rank stops at the same step with the same clear error."""
-        value = total.detach().float()
-        finite = torch.isfinite(value)
-        summary = torch.stack([torch.where(finite, value, torch.zeros_like(value)),
-                               (~finite).float()])  # on the device: NCCL reduces only GPU tensors
-        summary = all_reduce_sum(summary)
-        summary = summary.cpu()
-        if summary[1] > 0:
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.step} on {int(summary[1])} of "
-                f"{self.world_size} ranks (this rank: {detail}); lower optim.lr, check the data, or "
-                f"resume from the last checkpoint")
-        return summary[0] / self.world_size
-
-    def _plain_step(self, micro: list[dict]) -> tuple[float, dict, int]:
-        n, sent, logged = len(micro), 0, {}
-        mean_loss = 0.0
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i == n - 1 or not hasattr(self.ddp, "no_sync") \
-                else self.ddp.no_sync()
-            with sync:
-                with self._autocast():
-                    outputs = self.ddp(batch)
-                    total, parts, outs = self._objective_losses(outputs, batch)
-                mean_loss += float(self._check_finite(total, parts)) / n
-                (total / n).backward()
-            sent += sum(o.bytes_sent for o in outs)
-            logged = {k: float(v) for k, v in parts.items()}
-        return mean_loss, logged, sent
-
-    def _feature_cache_step(self, micro: list[dict]) -> tuple[float, dict, int]:
-        """GradCache: the contrastive loss over all micro-batches' features (more negatives), with the
-        graph of only one micro-batch alive at a time."""
-        n = len(micro)
-        rng_states, cached = [], []
-        with torch.no_grad(), self._autocast():
-            for batch in micro:
-                rng_states.append(torch.random.get_rng_state())
-                cached.append(self.model(batch))
-        pool = {key: torch.cat([c[key] for c in cached]).float().requires_grad_()
-                for key in ("image_embeds", "text_embeds")}
-        pool["logit_scale"] = self.model.scale().detach().requires_grad_()
-        if self.model.logit_bias is not None:
-            pool["logit_bias"] = self.model.logit_bias.detach().requires_grad_()
-        total, parts, outs = self._objective_losses(pool, {})
-        mean_loss = float(self._check_finite(total, parts))
-        total.backward()
-        sent = sum(o.bytes_sent for o in outs)
-        sizes = [c["image_embeds"].shape[0] for c in cached]
-        grads = {key: pool[key].grad.split(sizes) for key in ("image_embeds", "text_embeds")}
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if i == n - 1 or not hasattr(self.ddp, "no_sync") \
-                else self.ddp.no_sync()
-            with sync:
-                torch.random.set_rng_state(rng_states[i])  # same dropout as the cached pass
-                with self._autocast():
-                    out = self.ddp(batch)
-                surrogate = sum((out[key].float() * grads[key][i]).sum() for key in grads)
-                # the scalars' gradients are split evenly so that every micro-batch uses them
-                surrogate = surrogate + out["logit_scale"] * (pool["logit_scale"].grad / n)
-                if "logit_bias" in pool:
-                    surrogate = surrogate + out["logit_bias"] * (pool["logit_bias"].grad / n)
-                surrogate.backward()
-        return mean_loss, {k: float(v) for k, v in parts.items()}, sent
-
     def _optimizer_step(self) -> float:
         grad_norm = 0.0
         if self.cfg.optim.grad_clip > 0:
@@ -227,7 +145,9 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> None:
         sched = self.cfg.schedule
-        step_fn = self._feature_cache_step if self.cfg.feature_accumulation > 1 else self._plain_step
+        step_fn = feature_cache_step if self.cfg.feature_accumulation > 1 else plain_step
+        ctx = StepContext(model=self.model, ddp=self.ddp, objectives=self.objectives,
+                          autocast=self._autocast, world_size=self.world_size)
         window = {"start": time.perf_counter(), "wait": 0.0, "samples": 0, "bytes": 0}
         status = "FAILED"
         try:
@@ -243,7 +163,9 @@ class Trainer:
                     micro.append(self._to_model(batch))
                     if len(micro) < self.micro_batches:
                         continue
-                    loss, parts, sent = step_fn(micro)
+                    ctx.step = self.state.step
+                    result = step_fn(ctx, micro)
+                    loss, parts, sent = result.loss, result.parts, result.bytes_sent
                     micro = []
                     grad_norm = self._optimizer_step()
                     self.state.step += 1

@@ -95,7 +95,8 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
 class RankZeroLogger:
     """What rank 0 logs during training. Other ranks get a logger that does nothing."""
 
-    def __init__(self, tracking_uri: str, run_id: str, *, active: bool, system_metrics: bool):
+    def __init__(self, tracking_uri: str, run_id: str, *, active: bool, system_metrics: bool,
+                 system_metrics_interval_s: float = 10.0):
         self.active = active
         self.run_id = run_id
         if not active:
@@ -103,6 +104,8 @@ class RankZeroLogger:
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri)
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
         self._mlflow = mlflow
         self._run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
 

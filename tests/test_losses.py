@@ -1,0 +1,370 @@
+"""Contrastive losses and cross-rank collectives, against single-process references.
+
+The distributed tests run on real Gloo process groups of 2 and 4 ranks spawned here (one spawn per
+world size for the whole module: tests/dist_workers.py computes every scenario, these tests compare).
+Promises protected: every mode's value and feature gradients match its reference; grouped equals
+global when k = N and works in groups without rank 0; DDP-averaged parameter gradients equal the
+reference model's gradients; bytes sent match the documented formulas; single process works; bad
+configs fail with clear messages.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.conftest import free_port
+from tests.dist_workers import (
+    BATCH,
+    DIM,
+    LOGIT_BIAS,
+    LOGIT_SCALE,
+    TinyTowers,
+    collective_weights,
+    make_features,
+    make_tower_inputs,
+    run_loss_checks,
+)
+from vlp.config import ConfigError
+from vlp.distributed import CommCounter, gather_with_grad, rank_groups, ring_exchange
+from vlp.losses import (
+    CONTRASTIVE_LOSSES,
+    ContrastiveLossConfig,
+    build_contrastive_loss,
+    reference_clip_loss,
+    reference_grouped_clip_loss,
+    reference_sigmoid_loss,
+)
+
+WORLD_SIZES = (2, 4)
+TOL = 1e-5
+FLOAT32 = 4
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Norm-wise relative error (elementwise would be dominated by entries near zero)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def dist_results(tmp_path_factory) -> dict[int, list[dict]]:
+    """{world size: [rank 0 results, rank 1 results, ...]} from real Gloo groups."""
+    results = {}
+    for world in WORLD_SIZES:
+        outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
+        try:
+            mp.spawn(run_loss_checks, args=(world, free_port(), outdir), nprocs=world, join=True)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException):
+            errors = []
+            for path in sorted(glob.glob(os.path.join(outdir, "*.error"))):
+                with open(path) as f:
+                    errors.append(f.read())
+            pytest.fail(f"world size {world}: a rank failed\n{''.join(errors)}")
+        results[world] = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+                          for r in range(world)]
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# References on the concatenated batch
+
+
+def _reference(mode: str, world: int, images, texts, scale, bias):
+    if mode in ("global", "local"):
+        return reference_clip_loss(images, texts, scale)
+    if mode.startswith("grouped_k"):
+        return reference_grouped_clip_loss(images, texts, scale, world // int(mode[len("grouped_k"):]))
+    if mode == "sigmoid":
+        return reference_sigmoid_loss(images, texts, scale, bias)
+    raise AssertionError(mode)
+
+
+def _reference_with_grads(mode: str, world: int) -> dict:
+    images, texts = (t.double().requires_grad_(True) for t in make_features(world))
+    scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(LOGIT_BIAS, dtype=torch.float64, requires_grad=True)
+    loss = _reference(mode, world, images, texts, scale, bias)
+    loss.backward()
+    return {"loss": loss.detach(), "grad_images": images.grad, "grad_texts": texts.grad,
+            "grad_scale": scale.grad, "grad_bias": bias.grad}
+
+
+def _modes(world: int) -> list[str]:
+    return ["global", "local", "sigmoid"] + [f"grouped_k{k}" for k in (1, 2, 4) if world % k == 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: values and gradients
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_every_mode_matches_its_reference_in_value_and_feature_gradients(dist_results, world):
+    """Mean of per-rank losses == reference; rank r's feature grads == W x reference grad slice."""
+    ranks = dist_results[world]
+    for mode in _modes(world):
+        ref = _reference_with_grads(mode, world)
+        mean_loss = torch.stack([r["losses"][mode]["loss"] for r in ranks]).mean()
+        assert rel_err(mean_loss, ref["loss"]) < TOL, mode
+        for rank, result in enumerate(ranks):
+            mine = slice(rank * BATCH, (rank + 1) * BATCH)
+            for key in ("grad_images", "grad_texts"):
+                got, want = result["losses"][mode][key], world * ref[key][mine]
+                assert rel_err(got, want) < TOL, (mode, rank, key, rel_err(got, want))
+        # Scale and bias are replicated: the mean of the per-rank grads is the reference grad.
+        for key in ("grad_scale", "grad_bias") if mode == "sigmoid" else ("grad_scale",):
+            mean_grad = torch.stack([r["losses"][mode][key] for r in ranks]).mean()
+            assert rel_err(mean_grad, ref[key]) < TOL, (mode, key)
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_global_gives_every_rank_the_full_loss(dist_results, world):
+    ref = _reference_with_grads("global", world)
+    for result in dist_results[world]:
+        assert rel_err(result["losses"]["global"]["loss"], ref["loss"]) < TOL
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_grouped_with_k_equal_world_is_global_and_local(dist_results, world):
+    for rank, result in enumerate(dist_results[world]):
+        grouped, local = result["losses"][f"grouped_k{world}"], result["losses"]["local"]
+        glob_ = result["losses"]["global"]
+        for key in ("loss", "grad_images", "grad_texts", "grad_scale"):
+            assert torch.equal(grouped[key], local[key]), (rank, key)
+        for key in ("grad_images", "grad_texts"):
+            assert rel_err(grouped[key], glob_[key]) < TOL, (rank, key)
+    means = {m: torch.stack([r["losses"][m]["loss"] for r in dist_results[world]]).mean()
+             for m in ("global", f"grouped_k{world}")}
+    assert rel_err(means[f"grouped_k{world}"], means["global"]) < TOL
+
+
+def test_grouped_k2_at_world_4_differs_from_global(dist_results):
+    """Sanity: the grouped approximation really restricts the negatives (the test could not pass by
+    accident with a global gather)."""
+    ranks = dist_results[4]
+    grouped = torch.stack([r["losses"]["grouped_k2"]["loss"] for r in ranks]).mean()
+    global_ = torch.stack([r["losses"]["global"]["loss"] for r in ranks]).mean()
+    assert rel_err(grouped, global_) > 1e-3
+    assert ranks[0]["losses"]["grouped_k2"]["num_negatives"] == 2 * BATCH - 1
+    assert ranks[0]["losses"]["global"]["num_negatives"] == 4 * BATCH - 1
+
+
+def test_grouped_group_size_defaults_to_ranks_per_node(dist_results):
+    for result in dist_results[4]:
+        node, explicit = result["losses"]["grouped_node"], result["losses"]["grouped_k2"]
+        for key in ("loss", "grad_images", "grad_texts"):
+            assert torch.equal(node[key], explicit[key])
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_every_reduce_scatter_implementation_gives_the_same_gradients(dist_results, world):
+    """Native reduce_scatter, all_to_all + sum (Gloo's default) and all_reduce + slice agree."""
+    for result in dist_results[world]:
+        default = result["losses"]["grouped_k2"]
+        for impl in ("reduce_scatter", "all_reduce", "all_to_all"):
+            other = result["losses"][f"grouped_k2_{impl}"]
+            for key in ("loss", "grad_images", "grad_texts"):
+                assert rel_err(other[key], default[key]) < 1e-6, (impl, key)
+            assert other["backward_bytes"] == default["backward_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: raw collectives, including a group without global rank 0
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_gather_with_grad_concatenates_and_reduce_scatters_sums(dist_results, world):
+    for k in sorted({2, world}):
+        for g, members in enumerate(rank_groups(world, k)):
+            inputs = [torch.arange(12.0).reshape(3, 4) + 100 * r for r in members]
+            for local, rank in enumerate(members):
+                got = dist_results[world][rank]["collectives"][f"gather_k{k}"]
+                assert torch.equal(got["out"], torch.cat(inputs)), (k, g, rank)
+                want = sum(collective_weights(world, q, 3 * k, 4)[local * 3:(local + 1) * 3]
+                           for q in members)
+                assert rel_err(got["grad"], want) < 1e-6, (k, g, rank)
+                assert got["forward_bytes"] == got["backward_bytes"] == (k - 1) * 3 * 4 * FLOAT32
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ring_exchange_passes_forward_and_returns_gradients(dist_results, world):
+    for k in sorted({2, world}):
+        for members in rank_groups(world, k):
+            for local, rank in enumerate(members):
+                prev, nxt = members[(local - 1) % k], members[(local + 1) % k]
+                got = dist_results[world][rank]["collectives"][f"ring_k{k}"]
+                assert torch.equal(got["out"], torch.arange(12.0).reshape(3, 4) + 100 * prev)
+                assert torch.equal(got["grad"], collective_weights(world, nxt, 3, 4))
+                assert got["forward_bytes"] == got["backward_bytes"] == 3 * 4 * FLOAT32
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: bytes
+
+
+def _expected_bytes(mode: str, world: int) -> tuple[int, int]:
+    """(forward, backward) bytes one rank sends: the formulas in vlp/losses/contrastive.py."""
+    chunk = BATCH * DIM * FLOAT32
+    if mode == "sigmoid":
+        return (world - 1) * chunk, (world - 1) * chunk
+    k = world if mode in ("global", "local") else int(mode[len("grouped_k"):])
+    return 2 * (k - 1) * chunk, 2 * (k - 1) * chunk
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_bytes_sent_per_step_match_the_formulas(dist_results, world):
+    for result in dist_results[world]:
+        for mode in _modes(world):
+            got = result["losses"][mode]
+            forward, backward = _expected_bytes(mode, world)
+            assert got["forward_bytes_before_backward"] == forward, mode
+            assert (got["forward_bytes"], got["backward_bytes"]) == (forward, backward), mode
+    # The headline: grouped sends 4 (k-1) B D e per step, whatever the world size.
+    chunk = BATCH * DIM * FLOAT32
+    got = dist_results[world][0]["losses"]["grouped_k2"]
+    assert got["forward_bytes"] + got["backward_bytes"] == 4 * (2 - 1) * chunk
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: DDP parameter gradients
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_ddp_averaged_parameter_gradients_equal_the_reference_model(dist_results, world):
+    """DDP's 1/W average must not scale contrastive gradients: grads == single-process reference."""
+    images, texts = make_tower_inputs(world)
+    for mode in _modes(world):
+        if mode == "grouped_k1":
+            continue
+        torch.manual_seed(7)
+        model = TinyTowers(with_bias=mode == "sigmoid")
+        model.double()
+        image_features, text_features, scale, bias = model(images.double(), texts.double())
+        _reference(mode, world, image_features, text_features, scale, bias).backward()
+        for rank, result in enumerate(dist_results[world]):
+            for name, param in model.named_parameters():
+                got = result["ddp"][mode][name]
+                assert rel_err(got, param.grad) < TOL, (mode, rank, name, rel_err(got, param.grad))
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed: bad configs
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_group_size_not_dividing_world_size_fails_clearly(dist_results, world):
+    for result in dist_results[world]:
+        message = result["errors"]["k_not_dividing"]
+        assert message is not None and "not divisible by group size 3" in message
+        message = result["errors"]["k_unset"]
+        assert message is not None and "local_world_size" in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Single process (no process group)
+
+
+def _features(batch: int, dim: int = DIM, seed: int = 3):
+    images, texts = make_features(1, batch, dim, seed)
+    return images.requires_grad_(True), texts.requires_grad_(True)
+
+
+@pytest.mark.parametrize("mode", CONTRASTIVE_LOSSES.names())
+@pytest.mark.parametrize("batch", [1, 7])
+def test_single_process_every_mode_equals_reference_and_sends_nothing(mode, batch):
+    loss_fn = build_contrastive_loss(ContrastiveLossConfig(mode=mode))
+    scale = torch.tensor(LOGIT_SCALE, requires_grad=True)
+    bias = torch.tensor(LOGIT_BIAS, requires_grad=True) if loss_fn.uses_logit_bias else None
+    images, texts = _features(batch)
+    out = loss_fn(images, texts, scale, bias)
+    out.loss.backward()
+    ref_images, ref_texts = (t.detach().clone().requires_grad_(True) for t in (images, texts))
+    ref_scale = scale.detach().clone().requires_grad_(True)
+    if mode == "sigmoid":
+        ref = reference_sigmoid_loss(ref_images, ref_texts, ref_scale, LOGIT_BIAS)
+    else:
+        ref = reference_clip_loss(ref_images, ref_texts, ref_scale)
+    ref.backward()
+    assert torch.isfinite(out.loss)
+    assert rel_err(out.loss, ref) < TOL
+    for got, want in ((images.grad, ref_images.grad), (texts.grad, ref_texts.grad),
+                      (scale.grad, ref_scale.grad)):
+        assert rel_err(got, want) < TOL
+    assert out.bytes_sent == 0 and out.num_negatives == batch - 1
+
+
+def test_single_process_collectives_are_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    counter = CommCounter()
+    assert gather_with_grad(x, counter=counter) is x
+    assert ring_exchange(x, counter=counter) is x
+    assert counter.bytes_sent == 0 and counter.calls == 0
+
+
+def test_softmax_modes_accept_a_bias_without_changing_the_loss():
+    images, texts = _features(6)
+    scale = torch.tensor(LOGIT_SCALE)
+    bias = torch.tensor(-4.0, requires_grad=True)
+    loss_fn = build_contrastive_loss(ContrastiveLossConfig(mode="local"))
+    with_bias = loss_fn(images, texts, scale, bias).loss
+    without = loss_fn(images, texts, scale).loss
+    assert rel_err(with_bias, without) < 1e-6
+    with_bias.backward()
+    assert bias.grad is not None and abs(bias.grad.item()) < 1e-5
+
+
+def test_counter_sums_several_calls():
+    counter = CommCounter()
+    counter.add(10, backward=False)
+    counter.add(5, backward=True)
+    counter.add(0, backward=True)
+    assert (counter.forward_bytes, counter.backward_bytes, counter.bytes_sent, counter.calls) == (
+        10, 5, 15, 2)
+    counter.reset()
+    assert counter.bytes_sent == 0 and counter.calls == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad configs and inputs
+
+
+def test_unknown_mode_lists_the_registered_ones():
+    with pytest.raises(ValueError, match="unknown contrastive loss mode 'glbal'.*global, grouped"):
+        ContrastiveLossConfig(mode="glbal")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "grouped", "group_size": 0}, "group_size must be >= 1"),
+    ({"mode": "local", "group_size": 2}, "applies to mode 'grouped' only"),
+])
+def test_bad_group_size_in_config_fails(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ContrastiveLossConfig(**kwargs)
+
+
+def test_grouped_group_size_must_divide_the_world_size_in_a_single_process():
+    with pytest.raises(ValueError, match="world size 1 is not divisible by group size 2"):
+        build_contrastive_loss(ContrastiveLossConfig(mode="grouped", group_size=2))
+
+
+def test_rank_groups_layout_and_errors():
+    assert rank_groups(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert rank_groups(4, 1) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="not divisible"):
+        rank_groups(6, 4)
+    with pytest.raises(ValueError, match=">= 1"):
+        rank_groups(4, 0)
+
+
+def test_sigmoid_without_bias_and_mismatched_shapes_fail():
+    images, texts = _features(4)
+    with pytest.raises(ValueError, match="needs logit_bias"):
+        build_contrastive_loss(ContrastiveLossConfig(mode="sigmoid"))(images, texts,
+                                                                     torch.tensor(1.0))
+    with pytest.raises(ValueError, match="same shape"):
+        build_contrastive_loss(ContrastiveLossConfig(mode="global"))(images, texts[:3],
+                                                                    torch.tensor(1.0))

@@ -1,0 +1,58 @@
+"""Plain single-process definitions of the contrastive losses, for tests, benchmarks and reading.
+
+Each function takes the whole batch (every rank's samples concatenated in rank order) and computes the
+loss that the distributed strategies in :mod:`vlp.losses.contrastive` must reproduce: the mean over
+ranks of their per-rank loss terms. No communication, no tricks: the full logit matrix, written the
+way the papers write it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                        logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE over the full ``(N, N)`` logit matrix.
+
+    Args:
+        image_features, text_features: ``(N, D)``, L2-normalised; row i of each is a positive pair.
+        logit_scale: the exponentiated temperature.
+
+    Returns:
+        The mean of image-to-text and text-to-image cross entropy, each averaged over the N rows.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def reference_grouped_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                                logit_scale: torch.Tensor | float, num_groups: int) -> torch.Tensor:
+    """M2-Encoder's grouped aggregation: the mean over groups of each group's own CLIP loss.
+
+    The batch is split into ``num_groups`` contiguous, equal parts (group g holds the samples of ranks
+    ``[g * k, (g + 1) * k)``); a sample's negatives are only the other samples of its group. With one
+    group this is :func:`reference_clip_loss`.
+    """
+    if image_features.shape[0] % num_groups:
+        raise ValueError(f"batch of {image_features.shape[0]} does not split into {num_groups} groups")
+    losses = [reference_clip_loss(i, t, logit_scale)
+              for i, t in zip(image_features.chunk(num_groups), text_features.chunk(num_groups))]
+    return torch.stack(losses).mean()
+
+
+def reference_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                           logit_scale: torch.Tensor | float,
+                           logit_bias: torch.Tensor | float) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss over the full ``(N, N)`` matrix.
+
+    Every pair is an independent binary problem: label +1 on the diagonal, -1 elsewhere;
+    ``loss = -sum(log sigmoid(label * (scale * <i, t> + bias))) / N``. The per-rank SigLIP loss divides
+    by the local batch ``B = N / W`` instead, so the mean over the W ranks equals this for any W.
+    """
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    n = logits.shape[0]
+    labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / n

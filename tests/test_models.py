@@ -138,3 +138,27 @@ def test_locked_text_tower_keeps_its_weights_while_the_rest_trains(minilm_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.text_proj.weight.grad is not None  # the projection of a locked tower still trains
     assert model.image_proj.weight.grad is not None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """Checkpointing trades compute for memory; the maths must not change."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = DualEncoderConfig(
+            image_size=32, embed_dim=16,
+            image=EncoderConfig(gradient_checkpointing=checkpointing,
+                                options={"hidden_dropout_prob": 0.0}),
+            text=EncoderConfig(name="bert", gradient_checkpointing=checkpointing,
+                               options={"hidden_dropout_prob": 0.0,
+                                        "attention_probs_dropout_prob": 0.0}))
+        model = DualEncoder(cfg, vocab_size=50).train()
+        out = model(_tiny_batch(cfg))
+        (out["image_embeds"] @ out["text_embeds"].T).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        for tower in (model.image_encoder, model.text_encoder):
+            flags = [getattr(m, "gradient_checkpointing", False) for m in tower.modules()]
+            assert any(flags) == checkpointing
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)

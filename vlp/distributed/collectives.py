@@ -45,6 +45,7 @@ from torch.distributed import ProcessGroup
 
 __all__ = [
     "CommCounter",
+    "all_reduce_sum",
     "barrier",
     "gather_with_grad",
     "group_rank",

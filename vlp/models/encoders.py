@@ -126,9 +126,12 @@ def build_encoder(registry: Registry, cfg: EncoderConfig, **context: Any) -> nn.
     """Build a registered tower; apply gradient checkpointing and locking as the config asks."""
     encoder = registry.get(cfg.name)(cfg, **context)
     if cfg.gradient_checkpointing:
-        for module in encoder.modules():
-            if hasattr(module, "gradient_checkpointing_enable"):
-                module.gradient_checkpointing_enable()
+        for module in encoder.modules():  # the first transformers model inside the tower
+            # transformers 5 renamed it (the old name still works, with a deprecation warning)
+            enable = (getattr(module, "activation_checkpointing_enable", None)
+                      or getattr(module, "gradient_checkpointing_enable", None))
+            if enable is not None:
+                enable()
                 break
     if cfg.locked:
         encoder.requires_grad_(False)

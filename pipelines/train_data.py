@@ -67,8 +67,8 @@ def build_train_dataset(files: list[str], data: DataConfig, *, image_size: int, 
     paths = [storage.resolve(f)[1] for f in files]
     # select_columns is pushed down into the Parquet reader: the other columns are never read
     cpus = data.cpus_per_data_task
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files",
-                               ray_remote_args={"num_cpus": cpus}).select_columns(["image", "caption"])
+    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files", num_cpus=cpus).select_columns(
+        ["image", "caption"])
     return ds.map_batches(
         prepare_train_batch, batch_size=data.decode_batch_size, batch_format="numpy", num_cpus=cpus,
         fn_kwargs=dict(image_size=image_size, max_text_length=max_text_length,

@@ -223,3 +223,14 @@ def test_training_streams_shards_from_s3(tmp_path, shards, s3_server, monkeypatc
     run = _mlflow(tmp_path).get_run(result.mlflow_run_id)
     assert run.inputs.dataset_inputs[0].dataset.source_type == "s3"
     assert not [v for v in run.data.params.values() if "test-secret" in v or "test-key" in v]
+
+
+def test_workers_that_leave_no_cpu_for_the_input_pipeline_fail_clearly(tmp_path, shards, cli_env):
+    """On the embedded 2-CPU Ray, 2 workers x 1 CPU would starve Ray Data: a one-line error, no
+    hang, and no MLflow run left behind."""
+    r = subprocess.run([sys.executable, "-m", "vlp.cli", "train", "--set",
+                        f"data.train={shards['curated']}", "--set", "scaling.cpus_per_worker=1"],
+                       capture_output=True, text=True, timeout=300, env=cli_env, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "leave 0 of this Ray's 2 CPUs for the input pipeline" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "mlflow.db").exists()

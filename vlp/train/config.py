@@ -38,7 +38,7 @@ class DataConfig:
     min_crop_scale: float = 0.8
     shuffle_buffer: int = 512
     prefetch_batches: int = 2
-    decode_batch_size: int = 64
+    decode_batch_size: int = 256  # rows per decode task: larger amortises Ray Data's per-task cost
     # CPUs Ray reserves per read and decode task. Below 1 lets the input pipeline share a small
     # machine with the training workers (they must leave at least this much free, or nothing is read).
     cpus_per_data_task: float = 1.0

@@ -72,8 +72,15 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     tokenizer_dir = resolve_tokenizer_path(cfg.data.tokenizer, cfg.data.train)
     tokenizer = load_tokenizer(tokenizer_dir, storage)  # fail here, not in every worker
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    run_id = open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
-                      manifest_uri=split.manifest_uri)
+    started_ray = ensure_ray(cfg.scaling.ray_address)
+    try:
+        _check_room_for_data(cfg, embedded=started_ray, stream=stream)
+        run_id = open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
+                          manifest_uri=split.manifest_uri)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     print(f"[train] {cfg.run_name}: {split.train_rows:,} training pairs in {len(split.train_files)} "
           f"shards, {split.eval_rows:,} held out; tokenizer {len(tokenizer):,} entries; "
           f"{cfg.scaling.num_workers} workers; MLflow run {run_id} at {tracking_uri}",
@@ -81,8 +88,6 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     plan = RunPlan(train_rows=split.train_rows, tokenizer_dir=tokenizer_dir,
                    eval_files=split.eval_files, classification=cfg.data.classification,
                    tracking_uri=tracking_uri, mlflow_run_id=run_id, pid_dir=pid_dir)
-
-    started_ray = ensure_ray(cfg.scaling.ray_address)
     status = "FAILED"
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -127,6 +132,25 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
         finish_run(tracking_uri, run_id, status)
         if started_ray:
             ray.shutdown()
+
+
+def _check_room_for_data(cfg: TrainConfig, *, embedded: bool, stream) -> None:
+    """Ray Data gets the CPUs the training workers leave; with none left, training waits forever
+    for its first batch. On the embedded Ray that is a config error; on a cluster (which may scale
+    up) a warning."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    left = total - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if left >= cfg.data.cpus_per_data_task:
+        return
+    message = (f"{cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPUs leave "
+               f"{max(left, 0):g} of this Ray's {total:g} CPUs for the input pipeline, which needs "
+               f"{cfg.data.cpus_per_data_task:g} per task: lower scaling.cpus_per_worker or "
+               "data.cpus_per_data_task (the quickstart recipe uses 0.5 per worker on 2 cores)")
+    if embedded:
+        raise ConfigError(message)
+    print(f"[train] warning: {message}", file=stream, flush=True)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -196,34 +196,42 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
         ctx.enable_progress_bars = config.execution.progress_bars
         ctx.print_on_execution_start = config.execution.progress_bars
         dedup = config.dedup
-        shards = ([DedupShard.remote(dedup) for _ in range(dedup.shards)]
+        placed = config.execution.node_resources or None  # where curation runs on a cluster
+        shards = ([DedupShard.options(resources=placed).remote(dedup) for _ in range(dedup.shards)]
                   if (dedup.exact or dedup.near) else [])
         done, n_done = _rebuild_dedup(output, storage, state, shards, config)
         if n_done:
             print(f"[curate] resuming: {n_done:,} rows already committed in "
                   f"{len(state.records)} parts", file=stream, flush=True)
         done_ref = ray.put(done) if len(done) else None
-        tracker = RunTracker.remote(state.next_part)
+        tracker = RunTracker.options(resources=placed).remote(state.next_part)
 
         cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
         workers = config.execution.workers or max(1, int(cpus // config.execution.worker_cpus))
+        pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=config.execution.max_workers)
+                if config.execution.max_workers else ray.data.ActorPoolStrategy(size=workers))
+        if config.execution.max_workers:
+            workers = config.execution.max_workers
         ds = ray.data.read_datasource(
-            CaptionPairDatasource(units, config.input, storage, done_ref), num_cpus=0
+            CaptionPairDatasource(units, config.input, storage, done_ref), num_cpus=0,
+            resources=placed,
         )
         ds = ds.map_batches(
             ImageTextProcessor,
             fn_constructor_kwargs={"config": config, "dedup_shards": shards, "tracker": tracker},
             batch_size=config.execution.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=pool,
             num_cpus=config.execution.worker_cpus,
+            resources=placed,
         )
         sink = ShardDatasink(output, storage, config.output, tracker)
         print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
               file=stream, flush=True)
         with ProgressReporter(tracker, config.execution.progress_interval_s, stream):
             # Each write task holds up to one shard in memory: bound how many run at once.
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=max(1, workers))
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "resources": placed or {}},
+                              concurrency=max(1, workers))
         final_state = load_output_state(output, storage, clean=False)
         rows_before = sum(r["rows"] + r["dropped"] for r in state.records)
         rows_after = sum(r["rows"] + r["dropped"] for r in final_state.records)

@@ -6,6 +6,8 @@
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
     vlp quickstart [--workdir DIR]
+    vlp submit [--address URL] [--working-dir DIR] [--env KEY=VALUE ...] [...] -- COMMAND ...
+    vlp jobs status|logs|stop JOB_ID | vlp jobs list
 
 Errors a person can fix (bad config, missing input, non-empty output) print one line and exit 2.
 """
@@ -18,12 +20,14 @@ import sys
 import time
 
 from vlp.config import ConfigError, load_config
+from vlp.jobs.submit import SubmitError
+from vlp.jobs.submit import add_parsers as add_job_parsers
+from vlp.jobs.submit import run as run_job_command
 
 QUICKSTART_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "ray_configs", "train_quickstart.yaml")
 NOT_YET = {
     ("curate", "videos"): "video-text curation (issue #4)",
-    ("submit",): "Ray job submission (issue #6)",
 }
 
 
@@ -70,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--rows", type=int, default=1600)
     quick.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a training config key")
-    sub_submit = sub.add_parser("submit", help="not implemented yet")
-    sub_submit.add_argument("rest", nargs=argparse.REMAINDER)
+    add_job_parsers(sub)
     return parser
 
 
@@ -203,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlp: {' '.join(k for k in key if k)} is not implemented yet: {NOT_YET[key]}.",
               file=sys.stderr)
         return 3
+    if args.command in ("submit", "jobs"):  # ahead of the imports below, which load torch
+        try:
+            return run_job_command(args)
+        except SubmitError as e:
+            print(f"vlp: error: {e}", file=sys.stderr)
+            return 2
     from pipelines.image_text import CurationError, InputError
     from vlp.train.launch import TrainingError
 

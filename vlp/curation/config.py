@@ -73,10 +73,17 @@ class ExecutionConfig:
             0 means one per reserved CPU. Fetches stay ``fetch.threads``-wide.
         progress_interval_s: seconds between progress lines.
         progress_bars: show Ray Data's own progress bars too.
+        max_workers: on an autoscaling cluster, grow the worker pool from 1 up to this many actors
+            (demand that makes the autoscaler add data nodes); 0 keeps the fixed ``workers`` pool.
+        node_resources: custom resources every curation task and actor asks for, e.g.
+            ``{data_node: 0.001}`` to keep curation on the CPU node type of ``ray_configs/clusters``
+            (off the CPU-less head and off GPU nodes, which can then idle out).
     """
 
     ray_address: str = ""
     workers: int = 0
+    max_workers: int = 0
+    node_resources: dict[str, float] = field(default_factory=dict)
     worker_cpus: float = 1.0
     batch_size: int = 256
     decode_threads: int = 0

@@ -95,6 +95,7 @@ class ScalingConfig:
     num_workers: int = 2
     min_workers: int = 0
     use_gpu: bool = False
+    accelerator_type: str = ""  # e.g. "A100": the GPU node type the autoscaler should add
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     ray_address: str = ""  # empty: RAY_ADDRESS, else a local Ray started in-process

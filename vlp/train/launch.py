@@ -74,7 +74,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     started_ray = ensure_ray(cfg.scaling.ray_address)
     try:
-        _check_room_for_data(cfg, embedded=started_ray, stream=stream)
+        _check_room_for_data(cfg, embedded=started_ray)
         run_id = open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
                           manifest_uri=split.manifest_uri)
     except BaseException:
@@ -103,6 +103,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
             train_loop_config={"config": to_dict(cfg), "plan": asdict(plan)},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=workers, use_gpu=sc.use_gpu,
+                accelerator_type=sc.accelerator_type or None,
                 resources_per_worker={"CPU": sc.cpus_per_worker, **({"GPU": 1} if sc.use_gpu else {})}),
             run_config=ray.train.RunConfig(
                 name=cfg.run_name, storage_path=root,
@@ -134,12 +135,14 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
             ray.shutdown()
 
 
-def _check_room_for_data(cfg: TrainConfig, *, embedded: bool, stream) -> None:
+def _check_room_for_data(cfg: TrainConfig, *, embedded: bool) -> None:
     """Ray Data gets the CPUs the training workers leave; with none left, training waits forever
-    for its first batch. On the embedded Ray that is a config error; on a cluster (which may scale
-    up) a warning."""
+    for its first batch. On the embedded Ray that is a config error; a cluster is left alone (an
+    autoscaling one starts with no workers and adds nodes on demand)."""
     import ray
 
+    if not embedded:
+        return
     total = ray.cluster_resources().get("CPU", 0.0)
     left = total - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if left >= cfg.data.cpus_per_data_task:
@@ -148,9 +151,7 @@ def _check_room_for_data(cfg: TrainConfig, *, embedded: bool, stream) -> None:
                f"{max(left, 0):g} of this Ray's {total:g} CPUs for the input pipeline, which needs "
                f"{cfg.data.cpus_per_data_task:g} per task: lower scaling.cpus_per_worker or "
                "data.cpus_per_data_task (the quickstart recipe uses 0.5 per worker on 2 cores)")
-    if embedded:
-        raise ConfigError(message)
-    print(f"[train] warning: {message}", file=stream, flush=True)
+    raise ConfigError(message)
 
 
 def _root_cause(error: BaseException) -> str:

@@ -1,0 +1,1 @@
+"""Operations: the cluster launcher configs and job specs under ``ray_configs/``, checked offline."""

@@ -12,7 +12,9 @@ dual encoder, grouped loss) runs twice in one invocation, on one local Ray:
 
 The stall fraction is ``1 - pipeline / memory`` in training samples per second (the mean over logged
 windows after the first, which holds start-up), and the loop's own ``data_wait_fraction`` (time spent
-waiting for the next batch over wall time) is reported beside it. Target: stall under 10%. On a 2-core
+waiting for the next batch over wall time) is reported beside it; the feeds alternate ``--rounds``
+times and medians are reported. Target: both under 10% (the ratio alone is at the mercy of other
+tenants' load between runs; the wait fraction is measured inside the same run). On a 2-core
 machine the pipeline's decoding competes with the two training workers for the same cores, so this is
 a harsh setting: on GPU nodes the decode runs on CPUs the training does not use.
 
@@ -70,10 +72,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1600)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="400 rows, 4 epochs")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate the two feeds this many times (medians reported)")
+    parser.add_argument("--quick", action="store_true", help="400 rows, 4 epochs, 1 round")
     args = parser.parse_args()
     if args.quick:
-        args.rows, args.epochs = 400, 4
+        args.rows, args.epochs, args.rounds = 400, 4, 1
 
     import ray
 
@@ -91,8 +95,8 @@ def main() -> int:
     runs = os.path.join(WORK, "runs")
     shutil.rmtree(runs, ignore_errors=True)
     tracking = f"sqlite:///{os.path.join(WORK, 'mlflow.db')}"
-    results = {}
-    for mode in ("pipeline", "memory"):
+    samples: dict[str, list[dict]] = {"pipeline": [], "memory": []}
+    for mode in [m for _ in range(args.rounds) for m in ("pipeline", "memory")]:
         cfg = load_config(TrainConfig, os.path.join(REPO, "ray_configs", "train_quickstart.yaml"), [
             f"run_name=bench-{mode}-{_dt.datetime.now():%H%M%S}", f"data.train={curated}",
             "data.holdout_shards=1", f"output_dir={runs}", f"tracking.tracking_uri={tracking}",
@@ -107,16 +111,21 @@ def main() -> int:
                 tokenizer_dir=resolve_tokenizer_path("", curated), storage=Storage()).materialize()
         result = run_training(cfg, dataset=dataset)
         sps, wait = _samples_per_second(tracking, result.mlflow_run_id)
-        results[mode] = {"samples_per_second": sps, "data_wait_fraction": wait,
-                         "steps": result.steps, "seconds": result.seconds}
+        samples[mode].append({"samples_per_second": sps, "data_wait_fraction": wait,
+                              "steps": result.steps, "seconds": result.seconds})
         print(f"[bench] {mode}: {sps:.1f} samples/s, data wait {100 * wait:.1f}%", flush=True)
     ray.shutdown()
+    results = {mode: {"samples_per_second": statistics.median(r["samples_per_second"] for r in runs),
+                      "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in runs),
+                      "runs": runs} for mode, runs in samples.items()}
     stall = 1.0 - results["pipeline"]["samples_per_second"] / results["memory"]["samples_per_second"]
     report = {
         "date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "rows": args.rows, "epochs": args.epochs, "workers": 2, "model": "quickstart tiny (ViT 3L/BERT 2L)",
         "results": results, "stall_fraction": stall,
-        "target": "stall < 10%", "met": stall < 0.10,
+        "pipeline_data_wait_fraction": results["pipeline"]["data_wait_fraction"],
+        "target": "stall < 10%",
+        "met": stall < 0.10 and results["pipeline"]["data_wait_fraction"] < 0.10,
     }
     name = "train_input_quick.json" if args.quick else "train_input.json"
     with open(os.path.join(REPO, "benchmarks", "results", name), "w") as f:
@@ -124,8 +133,9 @@ def main() -> int:
     print("| feed | samples/s | data wait |\n|---|---|---|")
     for mode, r in results.items():
         print(f"| {mode} | {r['samples_per_second']:.1f} | {100 * r['data_wait_fraction']:.1f}% |")
-    print(f"stall fraction 1 - pipeline/memory = {100 * stall:.1f}% (target < 10%: "
-          f"{'met' if stall < 0.10 else 'NOT met'})")
+    print(f"stall fraction 1 - pipeline/memory = {100 * stall:.1f}%, pipeline data wait "
+          f"{100 * results['pipeline']['data_wait_fraction']:.1f}% (target: both < 10%: "
+          f"{'met' if report['met'] else 'NOT met'})")
     return 0
 
 

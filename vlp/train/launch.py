@@ -75,8 +75,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     started_ray = ensure_ray(cfg.scaling.ray_address)
     try:
         _check_room_for_data(cfg, embedded=started_ray)
-        run_id = open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
-                          manifest_uri=split.manifest_uri)
+        run_id = _open_mlflow_run(cfg, tracking_uri, split)
     except BaseException:
         if started_ray:
             ray.shutdown()
@@ -133,6 +132,19 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
         finish_run(tracking_uri, run_id, status)
         if started_ray:
             ray.shutdown()
+
+
+def _open_mlflow_run(cfg: TrainConfig, tracking_uri: str, split) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
+                        manifest_uri=split.manifest_uri)
+    except MlflowException as e:  # unreachable server, refused credentials, bad store URI
+        first = (e.message or str(e)).strip().splitlines()[0][:300]
+        raise TrainingError(f"MLflow at {tracking_uri} refused the run: {first} (for a server with "
+                            "authentication set MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD)") from None
 
 
 def _check_room_for_data(cfg: TrainConfig, *, embedded: bool) -> None:

@@ -61,12 +61,22 @@ def split_shards(data: DataConfig, storage: Storage) -> ShardSplit:
 
 def build_train_dataset(files: list[str], data: DataConfig, *, image_size: int, max_text_length: int,
                         tokenizer_dir: str, storage: Storage):
+    """The training stream: ``data.epochs_per_pass`` epochs back to back (each with its own file
+    order and augmentation), so that Ray Data's executor starts once per pass, not once per epoch."""
+    passes = [_one_epoch(files, data, image_size=image_size, max_text_length=max_text_length,
+                         tokenizer_dir=tokenizer_dir, storage=storage)
+              for _ in range(data.epochs_per_pass)]
+    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
+
+
+def _one_epoch(files: list[str], data: DataConfig, *, image_size: int, max_text_length: int,
+               tokenizer_dir: str, storage: Storage):
     import ray.data
 
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
-    # select_columns is pushed down into the Parquet reader: the other columns are never read
     cpus = data.cpus_per_data_task
+    # select_columns is pushed down into the Parquet reader: the other columns are never read
     ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files", num_cpus=cpus).select_columns(
         ["image", "caption"])
     return ds.map_batches(

@@ -75,7 +75,9 @@ def test_a_run_logs_everything_to_one_mlflow_run_and_a_rerun_resumes_it(tmp_path
     from vlp.train.tracking import RUN_NAME_TAG
 
     steps_per_epoch = _train_rows(shards) // (BATCH * 2)
-    first = run_training(_config(tmp_path, shards, "run_name=resume", "schedule.epochs=2"))
+    # two epochs per pass over the data stream: the first run is one pass, the rerun starts another
+    first = run_training(_config(tmp_path, shards, "run_name=resume", "schedule.epochs=2",
+                                 "data.epochs_per_pass=2"))
     assert first.steps == 2 * steps_per_epoch
     client = _mlflow(tmp_path)
     run = client.get_run(first.mlflow_run_id)
@@ -100,7 +102,8 @@ def test_a_run_logs_everything_to_one_mlflow_run_and_a_rerun_resumes_it(tmp_path
     losses = client.get_metric_history(run.info.run_id, "loss/total")
     last_step = max(m.step for m in losses)
 
-    second = run_training(_config(tmp_path, shards, "run_name=resume", "schedule.epochs=3"))
+    second = run_training(_config(tmp_path, shards, "run_name=resume", "schedule.epochs=3",
+                                  "data.epochs_per_pass=2"))
     assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run goes on
     assert second.steps == 3 * steps_per_epoch
     resumed = client.get_metric_history(run.info.run_id, "loss/total")

@@ -24,7 +24,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     samples: int = 0  # samples seen in total (global, all workers)
-    samples_in_epoch: int = 0  # of the current epoch: where the data position resumes
+    # samples seen in the current pass over the data stream (``data.epochs_per_pass`` epochs): where
+    # the data position resumes
+    samples_in_epoch: int = 0
     mlflow_run_id: str = ""
     world_size: int = 0
 

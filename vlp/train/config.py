@@ -39,6 +39,10 @@ class DataConfig:
     shuffle_buffer: int = 512
     prefetch_batches: int = 2
     decode_batch_size: int = 256  # rows per decode task: larger amortises Ray Data's per-task cost
+    # Epochs streamed as one pass of Ray Data (each re-read and re-augmented). Every pass starts the
+    # streaming executor anew (planning, launching tasks: about a second of data wait), which is a
+    # stall worth avoiding when epochs last seconds; a resume re-reads at most one pass to its position.
+    epochs_per_pass: int = 1
     # CPUs Ray reserves per read and decode task. Below 1 lets the input pipeline share a small
     # machine with the training workers (they must leave at least this much free, or nothing is read).
     cpus_per_data_task: float = 1.0
@@ -49,6 +53,8 @@ class DataConfig:
             raise ConfigError("data.batch_size must be at least 2 (contrastive negatives)")
         if not 0.05 <= self.min_crop_scale <= 1.0:
             raise ConfigError("data.min_crop_scale must be in [0.05, 1]")
+        if self.epochs_per_pass < 1:
+            raise ConfigError("data.epochs_per_pass must be >= 1")
         if self.cpus_per_data_task <= 0:
             raise ConfigError("data.cpus_per_data_task must be > 0")
         if self.holdout_shards < 0:

@@ -106,8 +106,9 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------------
     def _epoch_batches(self):
-        """Yield this worker's micro-batches of the current epoch, skipping what was already trained on
-        (the data position: samples of this epoch already seen, whatever the old world size)."""
+        """Yield this worker's micro-batches of the current pass (``data.epochs_per_pass`` epochs),
+        skipping what was already trained on (the data position: samples of this pass already seen,
+        whatever the old world size)."""
         data = self.cfg.data
         per_step_rows = data.batch_size * self.world_size
         skip = self.state.samples_in_epoch // per_step_rows
@@ -154,6 +155,7 @@ class Trainer:
             while self.state.samples < self.planned_samples:
                 micro = []
                 batches = self._epoch_batches()
+                steps_before = self.state.step
                 while self.state.samples < self.planned_samples:
                     t0 = time.perf_counter()
                     batch = next(batches, None)
@@ -179,7 +181,10 @@ class Trainer:
                         self._evaluate(final=False)
                     if self.state.step % sched.checkpoint_every == 0:
                         self._checkpoint({"loss": loss})
-                self.state.epoch += 1
+                if self.state.step == steps_before:
+                    raise RuntimeError(f"rank {self.rank} got no full batch from a whole pass over the "
+                                       "data: lower data.batch_size or add data")
+                self.state.epoch += self.cfg.data.epochs_per_pass
                 self.state.samples_in_epoch = 0
             metrics = self._evaluate(final=True)
             self._checkpoint({"loss": float("nan"), **metrics}, final=True)
@@ -197,12 +202,12 @@ class Trainer:
             "samples_per_second": window["samples"] / elapsed,
             "data_wait_fraction": window["wait"] / elapsed,
             "comm_bytes_per_step": window["bytes"] / max(1, self.cfg.schedule.log_every),
-            "epoch": self.state.epoch,
+            "epoch": self.state.samples / max(1, self.plan.train_rows),
             "world_size": self.world_size,
         }
         self.log.metrics(metrics, step=self.state.step)
         if self.rank == 0:
-            print(f"[train] step {self.state.step:>5} epoch {self.state.epoch} loss {loss:.4f} "
+            print(f"[train] step {self.state.step:>5} epoch {metrics['epoch']:.1f} loss {loss:.4f} "
                   f"lr {metrics['lr']:.2e} T {metrics['temperature']:.4f} "
                   f"{metrics['samples_per_second']:.0f} samples/s, data wait "
                   f"{100 * metrics['data_wait_fraction']:.0f}%", flush=True)

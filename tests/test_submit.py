@@ -108,7 +108,7 @@ def test_job_spec_file_gives_entrypoint_and_runtime_env_flags_override(tmp_path)
     other = _job(["--runtime-env", str(spec), "--entrypoint-num-cpus", "1", "--", "python", "-c", "print(1)"], {})
     assert other.entrypoint == "python -c 'print(1)'" and other.entrypoint_num_cpus == 1
     spec.write_text("env_var: {A: '1'}\n")  # a plain runtime env with a typo
-    with pytest.raises(SubmitError, match="unknown runtime env fields"):
+    with pytest.raises(SubmitError, match="unknown runtime_env keys .*env_var"):
         _job(["--runtime-env", str(spec), "--", "true"], {}).runtime_env()
 
 

@@ -209,19 +209,14 @@ class JobConfig:
 
 
 def _check_with_ray(runtime_env: dict[str, Any]) -> None:
-    """Ray's own validation, before anything is uploaded (the client runs it after the upload).
+    """Ray's own validation, before anything is uploaded (the client runs it after the upload);
+    the same check as the job-spec loader in ``vlp.ops.cluster``."""
+    from vlp.config import ConfigError
+    from vlp.ops.cluster import check_runtime_env
 
-    Unknown keys are refused too: Ray would take one for a plugin name and fail on the cluster.
-    """
-    from ray.runtime_env import RuntimeEnv
-
-    unknown = sorted(set(runtime_env) - RuntimeEnv.known_fields)
-    if unknown:
-        raise SubmitError(f"unknown runtime env fields {unknown} (Ray knows "
-                          f"{sorted(k for k in RuntimeEnv.known_fields if not k.startswith('_'))})")
     try:
-        RuntimeEnv(**runtime_env)
-    except (TypeError, ValueError) as e:
+        check_runtime_env(runtime_env)
+    except ConfigError as e:
         raise SubmitError(f"invalid runtime env: {str(e).strip().splitlines()[0]}") from None
 
 

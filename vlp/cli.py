@@ -215,26 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.image_text import CurationError, InputError
     from vlp.train.launch import TrainingError
 
+    handlers = {"curate": _curate_images, "sample-data": _sample_data, "quickstart": _quickstart,
+                "tokenizer": _tokenizer, "train": _train, "eval": _eval}
     try:
-        if args.command == "curate":
-            return _curate_images(args)
-        if args.command == "sample-data":
-            return _sample_data(args)
-        if args.command == "quickstart":
-            return _quickstart(args)
-        if args.command == "tokenizer":
-            return _tokenizer(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
+        return handlers[args.command](args)
     except (ConfigError, CurationError, InputError, TrainingError) as e:
         print(f"vlp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vlp: interrupted; rerun with --resume to finish", file=sys.stderr)
+        print("vlp: interrupted; rerun the same command to go on (curation: with --resume; "
+              "training resumes from its latest checkpoint by itself)", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

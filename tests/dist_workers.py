@@ -123,21 +123,15 @@ def _collective_scenarios(world: int, rank: int) -> dict:
     results = {}
     for k in (2, world) if world > 2 else (world,):
         group = collectives.new_rank_group(k)
-        x = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4) + 100 * rank
-        x.requires_grad_(True)
-        counter = collectives.CommCounter()
-        gathered = collectives.gather_with_grad(x, group, counter=counter)
-        (gathered * collective_weights(world, rank, *gathered.shape)).sum().backward()
-        results[f"gather_k{k}"] = {"out": gathered.detach(), "grad": x.grad.clone(),
-                                   "forward_bytes": counter.forward_bytes,
-                                   "backward_bytes": counter.backward_bytes}
-        x.grad = None
-        counter = collectives.CommCounter()
-        received = collectives.ring_exchange(x, group, counter=counter)
-        (received * collective_weights(world, rank, *received.shape)).sum().backward()
-        results[f"ring_k{k}"] = {"out": received.detach(), "grad": x.grad.clone(),
-                                 "forward_bytes": counter.forward_bytes,
-                                 "backward_bytes": counter.backward_bytes}
+        for name, collective in (("gather", collectives.gather_with_grad),
+                                 ("ring", collectives.ring_exchange)):
+            x = (torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4) + 100 * rank).requires_grad_()
+            counter = collectives.CommCounter()
+            out = collective(x, group, counter=counter)
+            (out * collective_weights(world, rank, *out.shape)).sum().backward()
+            results[f"{name}_k{k}"] = {"out": out.detach(), "grad": x.grad.clone(),
+                                       "forward_bytes": counter.forward_bytes,
+                                       "backward_bytes": counter.backward_bytes}
     return results
 
 

@@ -106,7 +106,7 @@ def main() -> int:
         if mode == "memory":
             split = split_shards(cfg.data, Storage())
             dataset = build_train_dataset(
-                split.train_files, cfg.data, image_size=cfg.model.image_size,
+                split, cfg.data, image_size=cfg.model.image_size,
                 max_text_length=cfg.model.max_text_length,
                 tokenizer_dir=resolve_tokenizer_path("", curated), storage=Storage()).materialize()
         result = run_training(cfg, dataset=dataset)

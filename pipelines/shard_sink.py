@@ -7,9 +7,13 @@ arrived with it, and the part record that makes both count. Order of writes:
 2. ``_drops/part-NNNNNN.parquet``;
 3. ``_parts/part-NNNNNN.json``: the commit point.
 
-A run killed anywhere leaves either a committed part or files without a record; ``--resume`` deletes the
-latter and skips every key found in committed shards and ledgers, so each surviving key is written
-exactly once. Part numbers come from the run's tracker actor, so shard names are contiguous and
+One write task may produce several parts; their records name the whole group (``group``: first and last
+part number), and a part counts only when every record of its group exists. So the rows of one write
+commit together: the clips of one video (always in one block) are never half committed.
+
+A run killed anywhere leaves either committed groups or files without a (complete) group; ``--resume``
+deletes the latter and skips every key found in committed shards and ledgers, so each surviving key is
+written exactly once. Part numbers come from the run's tracker actor, so shard names are contiguous and
 deterministic in form (no random ids); a resumed run continues the numbering.
 """
 
@@ -36,6 +40,7 @@ from vlp.data.schema import (
     IMAGE_TEXT_SCHEMA,
     MANIFEST_FILE,
     PARTS_DIR,
+    PIXEL_COLUMNS,
     REJECTS_FILE,
     SCHEMA_VERSION,
     STATS_FILE,
@@ -51,24 +56,43 @@ logger = logging.getLogger(__name__)
 # the same dedup index the interrupted run had.
 LEDGER_SCHEMA = pa.schema(list(DROPS_SCHEMA) + [pa.field("sha256", pa.string()),
                                                 pa.field("phash", pa.int64())])
+# Video runs also record the source row a dropped clip came from (resume skips whole source rows).
+VIDEO_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("video_id", pa.string()))
 
 
 def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = 1024) -> bytes:
     codec = None if compression == "none" else compression
-    per_column = {name: ("NONE" if name == "image" else (codec or "NONE")) for name in table.column_names}
+    # Encoded pixels are already compressed: a second codec only costs time.
+    per_column = {name: ("NONE" if name in PIXEL_COLUMNS else (codec or "NONE"))
+                  for name in table.column_names}
     buf = io.BytesIO()
     pq.write_table(
         table, buf, compression=per_column, row_group_size=row_group_rows,
-        use_dictionary=[c for c in table.column_names if c not in ("image", "key", "sha256")],
+        use_dictionary=[c for c in table.column_names
+                        if c not in (*PIXEL_COLUMNS, "key", "sha256", "frame_times_s")],
     )
     return buf.getvalue()
 
 
+def pixel_bytes(table: pa.Table) -> np.ndarray:
+    """Bytes of encoded pixels per row (the poster image plus any video frames)."""
+    sizes = np.asarray(pc.binary_length(table.column("image")).to_numpy(zero_copy_only=False),
+                       dtype=np.int64)
+    if "frames" in table.column_names:
+        frames = table.column("frames").combine_chunks()
+        flat = np.asarray(pc.binary_length(frames.flatten()).to_numpy(zero_copy_only=False),
+                          dtype=np.int64)
+        offsets = np.asarray(frames.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+        cumulative = np.concatenate([[0], np.cumsum(flat)])
+        sizes = sizes + cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    return sizes
+
+
 def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa.Table]:
-    """Consecutive slices with at most ``max_rows`` rows and about ``max_bytes`` of images each."""
+    """Consecutive slices with at most ``max_rows`` rows and about ``max_bytes`` of pixels each."""
     if table.num_rows == 0:
         return []
-    sizes = np.asarray(pc.binary_length(table.column("image")).to_numpy(zero_copy_only=False))
+    sizes = pixel_bytes(table)
     shards, start, acc = [], 0, 0
     for i, size in enumerate(sizes):
         if i > start and (i - start >= max_rows or acc + size > max_bytes):
@@ -82,10 +106,14 @@ def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa
 class ShardDatasink(Datasink):
     """Ray Data sink writing parts as described in the module docstring."""
 
-    def __init__(self, output: str, storage: Storage, config: OutputConfig, tracker):
-        """``tracker``: a ``pipelines.progress.RunTracker`` handle (part numbers and progress)."""
+    def __init__(self, output: str, storage: Storage, config: OutputConfig, tracker,
+                 schema: pa.Schema = IMAGE_TEXT_SCHEMA):
+        """``tracker``: a ``pipelines.progress.RunTracker`` handle (part numbers and progress);
+        ``schema``: the shard schema (image-text or video-text)."""
         self.output, self.storage, self.config = output, storage, config
         self.tracker = tracker
+        self.schema = schema
+        self.video = "video_id" in schema.names
 
     @property
     def min_rows_per_write(self) -> int:
@@ -106,22 +134,24 @@ class ShardDatasink(Datasink):
         shards = split_into_shards(kept, self.config.shard_rows, self.config.shard_bytes)
         n_parts = max(1, len(shards))
         first = ray.get(self.tracker.take_parts.remote(n_parts))
+        group = [first, first + n_parts - 1]
         records = []
         for i in range(n_parts):
             shard = shards[i] if i < len(shards) else None
-            records.append(self._commit(first + i, shard, dropped if i == 0 else None))
+            records.append(self._commit(first + i, group, shard, dropped if i == 0 else None))
         return records
 
-    def _commit(self, part: int, shard: pa.Table | None, dropped: pa.Table | None) -> dict:
-        record = {"part": part, "shard": None, "rows": 0, "bytes": 0, "drops_file": None,
-                  "dropped": 0, "drops_by_reason": {}, "committed_at": time.time()}
+    def _commit(self, part: int, group: list[int], shard: pa.Table | None,
+                dropped: pa.Table | None) -> dict:
+        record = {"part": part, "group": group, "shard": None, "rows": 0, "bytes": 0,
+                  "drops_file": None, "dropped": 0, "drops_by_reason": {}, "committed_at": time.time()}
         if shard is not None and shard.num_rows:
-            data = _parquet_bytes(shard.select(IMAGE_TEXT_SCHEMA.names).cast(IMAGE_TEXT_SCHEMA),
+            data = _parquet_bytes(shard.select(self.schema.names).cast(self.schema),
                                   self.config.compression)
             self.storage.write_bytes_atomic(join(self.output, shard_name(part)), data)
             record.update(shard=shard_name(part), rows=shard.num_rows, bytes=len(data))
         if dropped is not None and dropped.num_rows:
-            ledger = pa.table({
+            columns = {
                 "key": dropped.column("key"),
                 "source": dropped.column("source"),
                 "reason": dropped.column("drop_reason"),
@@ -129,7 +159,10 @@ class ShardDatasink(Datasink):
                 "caption": dropped.column("caption"),
                 "sha256": dropped.column("sha256"),
                 "phash": dropped.column("phash"),
-            }).cast(LEDGER_SCHEMA)
+            }
+            if self.video:
+                columns["video_id"] = dropped.column("video_id")
+            ledger = pa.table(columns).cast(VIDEO_LEDGER_SCHEMA if self.video else LEDGER_SCHEMA)
             self.storage.write_bytes_atomic(join(self.output, drops_name(part)),
                                             _parquet_bytes(ledger, "zstd"))
             record.update(drops_file=drops_name(part), dropped=dropped.num_rows,
@@ -157,10 +190,11 @@ class OutputState:
 
 
 def load_output_state(output: str, storage: Storage, clean: bool) -> OutputState:
-    """Committed part records; with ``clean``, delete uncommitted shards, ledgers and temporaries."""
+    """Committed part records; with ``clean``, delete uncommitted shards, ledgers, part records of
+    incomplete groups, and temporaries."""
     state = OutputState()
     files = storage.list_files(output)
-    committed_names: set[str] = set()
+    found: dict[int, tuple[str, dict]] = {}
     for f in files:
         if f"/{PARTS_DIR}/" in f.replace("\\", "/") and f.endswith(".json") and not basename(f).startswith("."):
             try:
@@ -168,11 +202,20 @@ def load_output_state(output: str, storage: Storage, clean: bool) -> OutputState
             except (ValueError, OSError):
                 logger.warning("ignoring unreadable part record %s", f)
                 continue
-            state.records.append(record)
-            for name in (record.get("shard"), record.get("drops_file")):
-                if name:
-                    committed_names.add(name)
-    state.records.sort(key=lambda r: r["part"])
+            found[record["part"]] = (f, record)
+    committed_names: set[str] = set()
+    for part, (f, record) in sorted(found.items()):
+        first, last = record.get("group", [part, part])
+        if not all(p in found for p in range(first, last + 1)):
+            # killed between the commits of one write: none of its group counts
+            if clean:
+                logger.info("removing part %d of incomplete group %d..%d", part, first, last)
+                storage.delete(f)
+            continue
+        state.records.append(record)
+        for name in (record.get("shard"), record.get("drops_file")):
+            if name:
+                committed_names.add(name)
     manifest_uri = join(output, MANIFEST_FILE)
     if storage.exists(manifest_uri):
         state.manifest = json.loads(storage.read_bytes(manifest_uri))
@@ -224,7 +267,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 def finalize_output(output: str, storage: Storage, state: OutputState, *, config: dict,
-                    config_hash: str, input_uri: str, reject_samples: int, extra: dict) -> dict:
+                    config_hash: str, input_uri: str, reject_samples: int, extra: dict,
+                    schema: pa.Schema = IMAGE_TEXT_SCHEMA) -> dict:
     """Write ``_manifest.json``, ``_stats.json`` and ``_rejects.jsonl`` from the committed parts."""
     stats = summarize(state.records)
     stats.update(extra)
@@ -233,11 +277,11 @@ def finalize_output(output: str, storage: Storage, state: OutputState, *, config
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "status": "complete",
-        "kind": "image-text",
+        "kind": "video-text" if "video_id" in schema.names else "image-text",
         "input": input_uri,
         "config": config,
         "config_hash": config_hash,
-        "columns": IMAGE_TEXT_SCHEMA.names,
+        "columns": schema.names,
         "num_rows": stats["rows_written"],
         "num_bytes": stats["bytes_written"],
         "shards": shards,

@@ -1,8 +1,11 @@
-"""Reading raw image-text pairs into Ray Data: manifests, folders with sidecar captions, WebDataset tars.
+"""Reading raw image-text and video-text pairs into Ray Data: manifests, folders with sidecar captions,
+WebDataset tars.
 
 ``CaptionPairDatasource`` turns an input location into blocks of ``SOURCE_SCHEMA`` rows: a key, where
-the image is (url or path) or the image bytes themselves (tars), the raw caption, and, for rows that
-are already unusable (invalid UTF-8, malformed line, no caption), a drop reason. Parsing is row by row
+the image or video is (url or path) or its bytes themselves (tars), the raw caption, an optional
+captioned segment (``start``/``end`` seconds, for videos), and, for rows that are already unusable
+(invalid UTF-8, malformed line, no caption), a drop reason. ``media`` (``image`` or ``video``) decides
+which file extensions a folder or tar holds. Parsing is row by row
 so that one bad line costs one counted drop, not the run.
 
 One read task per manifest or tar file (BM-6B-style inputs come as thousands of files), and one per
@@ -36,13 +39,20 @@ SOURCE_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("caption", pa.string()),
         pa.field("lang_hint", pa.string()),
-        pa.field("image", pa.binary()),
+        # The media bytes when the input carries them (tar members); null when fetched by source.
+        pa.field("data", pa.binary()),
+        # A captioned segment of a video, in seconds (null: the whole video).
+        pa.field("start", pa.float64()),
+        pa.field("end", pa.float64()),
         pa.field("drop_reason", pa.string()),
         pa.field("drop_detail", pa.string()),
     ]
 )
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}
+VIDEO_EXTENSIONS = {"mp4", "m4v", "mov", "webm", "mkv", "avi", "mpg", "mpeg", "flv", "wmv", "ts", "3gp",
+                    "ogv"}
+MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS}
 MANIFEST_FORMATS = {"jsonl": "jsonl", "json": "jsonl", "csv": "csv", "parquet": "parquet"}
 
 
@@ -55,7 +65,8 @@ class InputUnit:
     kind: str  # jsonl | csv | parquet | webdataset | folder
     uri: str  # the file (or, for folder units, the folder root)
     rel: str  # key prefix: the file's path relative to the input root, without extension
-    files: tuple = ()  # folder units: (image uri, caption uri or "") pairs
+    files: tuple = ()  # folder units: (media uri, caption uri or "") pairs
+    media: str = "image"  # which extensions are media files: "image" or "video"
 
 
 def _ext(uri: str) -> str:
@@ -69,8 +80,9 @@ def _relative_stem(root: str, uri: str) -> str:
     return rel.rsplit(".", 1)[0] if "." in posixpath.basename(rel) else rel
 
 
-def plan_inputs(src: str, config: InputConfig, storage: Storage) -> list[InputUnit]:
-    """Find the units of work under ``src`` (a file or a folder)."""
+def plan_inputs(src: str, config: InputConfig, storage: Storage, media: str = "image") -> list[InputUnit]:
+    """Find the units of work under ``src`` (a file or a folder) of ``media`` files."""
+    extensions = MEDIA_EXTENSIONS[media]
     if not storage.exists(src):
         raise InputError(f"input not found: {src}")
     files = storage.list_files(src)
@@ -86,12 +98,12 @@ def plan_inputs(src: str, config: InputConfig, storage: Storage) -> list[InputUn
             fmt = "manifest"
         elif "tar" in exts:
             fmt = "webdataset"
-        elif exts & IMAGE_EXTENSIONS:
+        elif exts & extensions:
             fmt = "folder"
         else:
             raise InputError(
                 f"cannot tell the input format of {src}: no .jsonl/.csv/.parquet manifest, .tar or "
-                "image files; set input.format"
+                f"{media} files; set input.format"
             )
     if fmt in ("manifest", "jsonl", "csv", "parquet"):
         units = []
@@ -99,16 +111,17 @@ def plan_inputs(src: str, config: InputConfig, storage: Storage) -> list[InputUn
             kind = MANIFEST_FORMATS.get(_ext(f))
             if kind is None or basename(f).startswith((".", "_")) or (fmt != "manifest" and kind != fmt):
                 continue
-            units.append(InputUnit(kind, f, _relative_stem(root, f)))
+            units.append(InputUnit(kind, f, _relative_stem(root, f), media=media))
         if not units:
             raise InputError(f"no {fmt} manifest files under {src}")
         return units
     if fmt == "webdataset":
-        units = [InputUnit("webdataset", f, _relative_stem(root, f)) for f in files if _ext(f) == "tar"]
+        units = [InputUnit("webdataset", f, _relative_stem(root, f), media=media)
+                 for f in files if _ext(f) == "tar"]
         if not units:
             raise InputError(f"no .tar files under {src}")
         return units
-    # folder: images with sidecar captions (stem.txt or stem.json)
+    # folder: media files with sidecar captions (stem.txt or stem.json)
     by_stem: dict[str, dict[str, str]] = {}
     for f in files:
         if basename(f).startswith("."):
@@ -118,16 +131,17 @@ def plan_inputs(src: str, config: InputConfig, storage: Storage) -> list[InputUn
     pairs = []
     for stem in sorted(by_stem):
         entry = by_stem[stem]
-        images = [entry[e] for e in entry if e in IMAGE_EXTENSIONS]
-        if not images:
+        found = [entry[e] for e in entry if e in extensions]
+        if not found:
             continue
         caption = entry.get("txt") or entry.get("json") or ""
-        pairs.append((images[0], caption))
+        pairs.append((found[0], caption))
     if not pairs:
-        raise InputError(f"no image files under {src}")
+        raise InputError(f"no {media} files under {src}")
     step = max(1, config.files_per_task)
     return [
-        InputUnit("folder", root, "", tuple(pairs[i : i + step])) for i in range(0, len(pairs), step)
+        InputUnit("folder", root, "", tuple(pairs[i : i + step]), media=media)
+        for i in range(0, len(pairs), step)
     ]
 
 
@@ -139,13 +153,16 @@ class _RowBuffer:
         self.done = done
         self.columns: dict[str, list] = {f.name: [] for f in SOURCE_SCHEMA}
 
-    def add(self, key, source, caption=None, lang=None, image=None, reason=None, detail=None):
+    def add(self, key, source, caption=None, lang=None, data=None, reason=None, detail=None,
+            start=None, end=None):
         c = self.columns
         c["key"].append(key)
         c["source"].append(source)
         c["caption"].append(caption)
         c["lang_hint"].append(lang)
-        c["image"].append(image)
+        c["data"].append(data)
+        c["start"].append(start)
+        c["end"].append(end)
         c["drop_reason"].append(reason)
         c["drop_detail"].append(detail)
 
@@ -185,6 +202,16 @@ def _as_text(value) -> str | None:
     return str(value)
 
 
+def _as_seconds(value) -> float | None:
+    """A segment bound from a manifest field: a number of seconds, or empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    seconds = float(value)  # ValueError for text that is not a number
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"segment bound {value!r} is not a time in seconds")
+    return seconds
+
+
 def _resolve_path(manifest: str, path: str) -> str:
     if path.startswith(("s3://", "http://", "https://", "/")):
         return path
@@ -210,6 +237,15 @@ class _ManifestRowEmitter:
         caption = _as_text(record.get(cfg.caption_column))
         lang = _as_text(record.get(cfg.lang_column))
         source = url or (path and _resolve_path(self.unit.uri, path)) or f"{self.unit.uri}#{index}"
+        try:
+            start = _as_seconds(record.get(cfg.start_column))
+            end = _as_seconds(record.get(cfg.end_column))
+            if start is not None and end is not None and end <= start:
+                raise ValueError(f"segment end {end} is not after its start {start}")
+        except (TypeError, ValueError) as e:
+            self.out.add(key if _valid_utf8(key) else default_key, f"{self.unit.uri}#{index}",
+                         reason="bad_segment", detail=str(e)[:200])
+            return
         if not all(_valid_utf8(v) for v in (key, url, path, caption, lang)):
             safe_key = key if _valid_utf8(key) else default_key
             safe_source = source if _valid_utf8(source) else f"{self.unit.uri}#{index}"
@@ -220,7 +256,7 @@ class _ManifestRowEmitter:
         elif caption is None or not caption.strip():
             self.out.add(key, source, reason="missing_caption")
         else:
-            self.out.add(key, source, caption, lang)
+            self.out.add(key, source, caption, lang, start=start, end=end)
 
 
 def _iter_lines(stream, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -282,7 +318,8 @@ def _read_parquet(unit, config, storage, out) -> Iterator[pa.Table]:
     with fs.open_input_file(path) as f:  # random access: row groups are read one at a time
         pf = pq.ParquetFile(f)
         wanted = [c for c in (config.key_column, config.url_column, config.path_column,
-                              config.caption_column, config.lang_column) if c in pf.schema_arrow.names]
+                              config.caption_column, config.lang_column, config.start_column,
+                              config.end_column) if c in pf.schema_arrow.names]
         index = 0
         for batch in pf.iter_batches(batch_size=config.rows_per_block, columns=wanted):
             for record in batch.to_pylist():
@@ -303,13 +340,14 @@ def _caption_from_json(data: bytes) -> str | None:
 
 def _read_tar(unit, config, storage, out) -> Iterator[pa.Table]:
     """WebDataset tar: members grouped by key (path up to the first dot of the file name)."""
+    extensions = MEDIA_EXTENSIONS[unit.media]
     current: str | None = None
     group: dict[str, bytes] = {}
 
     def emit_group():
         key = f"{unit.rel}/{current}"
         source = f"{unit.uri}#{current}"
-        image_ext = next((e for e in group if e in IMAGE_EXTENSIONS), None)
+        media_ext = next((e for e in group if e in extensions), None)
         try:
             if "txt" in group:
                 caption = group["txt"].decode("utf-8", "surrogateescape")
@@ -320,15 +358,15 @@ def _read_tar(unit, config, storage, out) -> Iterator[pa.Table]:
         except ValueError:
             out.add(key, source, reason="malformed_row", detail="bad json sidecar")
             return
-        if image_ext is None:
+        if media_ext is None:
             out.add(key, source, caption if _valid_utf8(caption) else None,
-                    reason="missing_image", detail=f"members: {sorted(group)}")
+                    reason=f"missing_{unit.media}", detail=f"members: {sorted(group)}")
         elif not _valid_utf8(caption):
             out.add(key, source, reason="invalid_utf8", detail="caption")
         elif caption is None or not caption.strip():
             out.add(key, source, reason="missing_caption")
         else:
-            out.add(key, source, caption, image=group[image_ext])
+            out.add(key, source, caption, data=group[media_ext])
 
     try:
         with storage.open_input(unit.uri) as f:
@@ -361,25 +399,25 @@ def _read_tar(unit, config, storage, out) -> Iterator[pa.Table]:
 
 
 def _read_folder(unit, config, storage, out) -> Iterator[pa.Table]:
-    for image_uri, caption_uri in unit.files:
-        key = _relative_stem(unit.uri, image_uri)
+    for media_uri, caption_uri in unit.files:
+        key = _relative_stem(unit.uri, media_uri)
         if out.done is not None and len(out.done):
             owner = key_owner([key])[0]
             i = np.searchsorted(out.done, owner)
             if i < len(out.done) and out.done[i] == owner:
                 continue
         if not caption_uri:
-            out.add(key, image_uri, reason="missing_caption", detail="no sidecar .txt/.json")
+            out.add(key, media_uri, reason="missing_caption", detail="no sidecar .txt/.json")
         else:
             try:
                 raw = storage.read_bytes(caption_uri, max_bytes=1 << 20)
                 caption = (_caption_from_json(raw) if caption_uri.endswith(".json")
                            else raw.decode("utf-8"))
-                out.add(key, image_uri, caption)
+                out.add(key, media_uri, caption)
             except UnicodeDecodeError:
-                out.add(key, image_uri, reason="invalid_utf8", detail=caption_uri)
+                out.add(key, media_uri, reason="invalid_utf8", detail=caption_uri)
             except (ValueError, OSError) as e:
-                out.add(key, image_uri, reason="malformed_row", detail=str(e)[:200])
+                out.add(key, media_uri, reason="malformed_row", detail=str(e)[:200])
         if out.full() and (t := out.flush()) is not None:
             yield t
 

@@ -1,7 +1,7 @@
 """The ``vlp`` command: one entry point, one subcommand per job.
 
-    vlp curate images --input SRC --output DST [--config FILE] [--set key=value ...] [--resume]
-    vlp sample-data --output DIR [--rows N]
+    vlp curate images|videos --input SRC --output DST [--config FILE] [--set key=value ...] [--resume]
+    vlp sample-data --output DIR [--rows N] [--videos]
     vlp tokenizer --shards DIR [--vocab-size N] [--kind wordpiece|bpe]
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
@@ -26,24 +26,20 @@ from vlp.jobs.submit import run as run_job_command
 
 QUICKSTART_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "ray_configs", "train_quickstart.yaml")
-NOT_YET = {
-    ("curate", "videos"): "video-text curation (issue #4)",
-}
 
 
 def _add_curate(sub):
     curate = sub.add_parser("curate", help="curate raw pairs into Arrow/Parquet shards")
     kinds = curate.add_subparsers(dest="kind", required=True)
-    images = kinds.add_parser("images", help="image-text pairs")
-    images.add_argument("--input", required=True, help="manifest, folder or tar(s): local or s3://")
-    images.add_argument("--output", required=True, help="output folder: local or s3://")
-    images.add_argument("--config", help="YAML config (see ray_configs/curate_images.yaml)")
-    images.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set image.size=224 (repeatable)")
-    images.add_argument("--resume", action="store_true",
-                        help="finish an interrupted run in --output (keys already written are skipped)")
-    videos = kinds.add_parser("videos", help="video-text pairs (not implemented yet)")
-    videos.add_argument("rest", nargs=argparse.REMAINDER)
+    for media, example in (("images", "image.size=224"), ("videos", "video.num_frames=16")):
+        p = kinds.add_parser(media, help=f"{media[:-1]}-text pairs")
+        p.add_argument("--input", required=True, help="manifest, folder or tar(s): local or s3://")
+        p.add_argument("--output", required=True, help="output folder: local or s3://")
+        p.add_argument("--config", help=f"YAML config (see ray_configs/curate_{media}.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"override a config key, e.g. --set {example} (repeatable)")
+        p.add_argument("--resume", action="store_true",
+                       help="finish an interrupted run in --output (rows already written are skipped)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--rows", type=int, default=200)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--no-broken", action="store_true", help="leave out the bad-input cases")
+    sample.add_argument("--videos", action="store_true",
+                        help="video-text pairs whose captions depend on time (default: images)")
     tok = sub.add_parser("tokenizer", help="train a bilingual tokenizer on curated captions "
                          "(saved beside the shards, in _tokenizer/)")
     tok.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
@@ -78,20 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _curate_images(args) -> int:
-    from pipelines.image_text import run_image_curation
-    from vlp.curation.config import CurationConfig
+def _curate(args) -> int:
+    if args.kind == "videos":
+        from pipelines.video_text import run_video_curation as run
+        from vlp.curation.config import VideoCurationConfig as Config
+    else:
+        from pipelines.image_text import run_image_curation as run
+        from vlp.curation.config import CurationConfig as Config
 
-    config = load_config(CurationConfig, args.config, args.overrides)
-    stats = run_image_curation(args.input, args.output, config, resume=args.resume)
+    config = load_config(Config, args.config, args.overrides)
+    stats = run(args.input, args.output, config, resume=args.resume)
     return 0 if stats["rows_read"] else 1
 
 
 def _sample_data(args) -> int:
-    from vlp.data.synthetic import generate_image_text_samples
+    if args.videos:
+        from vlp.data.synthetic_video import generate_video_text_samples as generate
+    else:
+        from vlp.data.synthetic import generate_image_text_samples as generate
 
-    samples = generate_image_text_samples(args.output, args.rows, seed=args.seed,
-                                          broken=not args.no_broken)
+    samples = generate(args.output, args.rows, seed=args.seed, broken=not args.no_broken)
     kept = len(samples.kept_keys)
     print(f"wrote {len(samples.expected)} pairs ({kept} clean, {len(samples.expected) - kept} "
           f"broken on purpose) to {samples.manifest}")
@@ -201,21 +205,17 @@ def _quickstart(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    key = (args.command, getattr(args, "kind", None)) if args.command == "curate" else (args.command,)
-    if key in NOT_YET:
-        print(f"vlp: {' '.join(k for k in key if k)} is not implemented yet: {NOT_YET[key]}.",
-              file=sys.stderr)
-        return 3
     if args.command in ("submit", "jobs"):  # ahead of the imports below, which load torch
         try:
             return run_job_command(args)
         except SubmitError as e:
             print(f"vlp: error: {e}", file=sys.stderr)
             return 2
-    from pipelines.image_text import CurationError, InputError
+    from pipelines.curation_job import CurationError
+    from pipelines.sources import InputError
     from vlp.train.launch import TrainingError
 
-    handlers = {"curate": _curate_images, "sample-data": _sample_data, "quickstart": _quickstart,
+    handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
                 "tokenizer": _tokenizer, "train": _train, "eval": _eval}
     try:
         return handlers[args.command](args)

@@ -1,16 +1,17 @@
-"""The image-text curation config: one typed section per component, composed here."""
+"""The curation configs (image-text and video-text): one typed section per component, composed here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vlp.config import to_dict
+from vlp.config import ConfigError, to_dict
 from vlp.curation.dedup import DedupConfig
 from vlp.curation.fetch import FetchConfig
-from vlp.curation.filters import DEFAULT_FILTERS, build_filters
+from vlp.curation.filters import DEFAULT_FILTERS, DEFAULT_VIDEO_FILTERS, build_filters
 from vlp.curation.image import ImageConfig
 from vlp.curation.text import TextConfig
+from vlp.curation.video import VideoConfig
 from vlp.data.storage import StorageConfig
 
 InputFormat = Literal["auto", "jsonl", "csv", "parquet", "folder", "webdataset"]
@@ -25,6 +26,7 @@ class InputConfig:
             or ``folder`` for a folder of images with sidecar ``.txt`` captions.
         caption_column, url_column, path_column, key_column, lang_column: manifest column names; a row
             needs a caption and either a url or a path (relative paths are relative to the manifest).
+        start_column, end_column: a captioned segment of a video in seconds (optional; videos only).
         rows_per_block: rows per block read from a manifest (Ray Data's unit of work).
         files_per_task: images per read task for folder inputs.
     """
@@ -35,6 +37,8 @@ class InputConfig:
     path_column: str = "path"
     key_column: str = "key"
     lang_column: str = "lang"
+    start_column: str = "start"
+    end_column: str = "end"
     rows_per_block: int = 512
     files_per_task: int = 2000
 
@@ -104,20 +108,58 @@ class CurationConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def __post_init__(self):
-        # Fail at load time, naming the filter, on a bad section; then record every parameter, so
-        # that the manifest holds the whole config and equal settings hash equally.
-        built = build_filters(self.filters)
-        full = {name: None for name in self.filters}
-        for f in built.caption + built.image:
+        _record_filters(self, self.filters, ("caption", "image"))
+
+
+def _record_filters(config, filters: dict, stages: tuple[str, ...]) -> None:
+    """Fail at load time, naming the filter, on a bad section or one that cannot run on this medium;
+    then record every parameter, so that the manifest holds the whole config and equal settings hash
+    equally."""
+    built = build_filters(filters)
+    full = {name: None for name in filters}
+    for stage in ("caption", "image", "video", "clip"):
+        for f in getattr(built, stage):
+            if stage not in stages:
+                raise ConfigError(f"filter {type(f).name!r} works on {stage}s; it cannot run in this "
+                                  f"curation (filters here: {', '.join(stages)})")
             full[type(f).name] = to_dict(f)
-        object.__setattr__(self, "filters", full)
+    object.__setattr__(config, "filters", full)
 
 
-def output_affecting(config: CurationConfig) -> dict:
+@dataclass(frozen=True)
+class VideoCurationConfig:
+    """``vlp curate videos``: the image-text sections plus ``video`` (decoding, clips, frames).
+
+    Videos are large: fetches may be bigger (``fetch.max_bytes``), and a processor batch holds few
+    videos (``execution.batch_size``), so that one batch's clips stay one Ray Data block and commit
+    together. ``execution.decode_threads`` is the number of decoder processes per worker (0: one per
+    reserved CPU).
+    """
+
+    input: InputConfig = field(default_factory=InputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    fetch: FetchConfig = field(default_factory=lambda: FetchConfig(max_bytes=1024 * 1024 * 1024))
+    text: TextConfig = field(default_factory=TextConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    filters: dict[str, dict[str, Any] | None] = field(
+        default_factory=lambda: dict(DEFAULT_VIDEO_FILTERS))
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(shard_rows=2000))
+    execution: ExecutionConfig = field(default_factory=lambda: ExecutionConfig(batch_size=8))
+
+    def __post_init__(self):
+        _record_filters(self, self.filters, ("caption", "video", "clip"))
+
+
+def output_affecting(config: CurationConfig | VideoCurationConfig) -> dict:
     """The parts of a config that change what is written (a resume must keep them equal)."""
     data = to_dict(config)
     for volatile in ("execution", "storage"):
         data.pop(volatile)
     data["fetch"] = {k: v for k, v in data["fetch"].items() if k in ("max_bytes",)}
     data["output"].pop("reject_samples_per_reason")
+    if "video" in data:
+        # how the decoder is run changes nothing written (the backend does: frames may differ a little)
+        for volatile in ("timeout_s", "max_decodes_per_worker", "max_worker_memory_mb"):
+            data["video"].pop(volatile, None)
     return data

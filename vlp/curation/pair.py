@@ -62,18 +62,38 @@ def curate_pair(raw: dict, fetch: Callable[[str], bytes], settings: PairSettings
         return _row(key, source, raw.get("caption"), "internal_error", f"{type(e).__name__}: {e}"[:300])
 
 
-def _curate(raw, key, source, fetch, settings: PairSettings, cpu_gate) -> dict:
-    caption = normalize_caption(raw.get("caption") or "", settings.text)
+@dataclass(frozen=True)
+class CaptionVerdict:
+    """A normalised caption and its language, or the reason it is dropped."""
+
+    caption: str | None
+    lang: str | None = None
+    drop_reason: str | None = None
+    drop_detail: str | None = None
+
+
+def check_caption(raw_caption: str | None, text: TextConfig, filters: FilterSet) -> CaptionVerdict:
+    """Normalise a caption and run the caption filters (shared by images and videos)."""
+    caption = normalize_caption(raw_caption or "", text)
     if not caption:
-        return _row(key, source, raw.get("caption"), "missing_caption", "empty after normalisation")
+        return CaptionVerdict(raw_caption, drop_reason="missing_caption",
+                              drop_detail="empty after normalisation")
     item = CaptionItem(caption)
-    for f in settings.filters.caption:
+    for f in filters.caption:
         reason = f.check(item)
         if reason:
-            return _row(key, source, caption, reason, f"lang={item.lang}" if item.lang else None)
-    lang = item.lang or identify_language(caption)[0][0]
+            return CaptionVerdict(caption, drop_reason=reason,
+                                  drop_detail=f"lang={item.lang}" if item.lang else None)
+    return CaptionVerdict(caption, item.lang or identify_language(caption)[0][0])
 
-    data = raw.get("image")
+
+def _curate(raw, key, source, fetch, settings: PairSettings, cpu_gate) -> dict:
+    verdict = check_caption(raw.get("caption"), settings.text, settings.filters)
+    caption, lang = verdict.caption, verdict.lang
+    if verdict.drop_reason:
+        return _row(key, source, caption, verdict.drop_reason, verdict.drop_detail)
+
+    data = raw.get("data")
     if data is None:
         try:
             data = fetch(source)

@@ -1,7 +1,8 @@
 """The shard format: the one contract between curation (writer) and training (reader).
 
 Shards are Parquet files of Arrow record batches. Every column is declared here once; curation writes
-exactly ``IMAGE_TEXT_SCHEMA`` and training reads it with ``read_shard_schema`` checks. A change that
+exactly ``IMAGE_TEXT_SCHEMA`` (or ``VIDEO_TEXT_SCHEMA``, which adds the video columns) and training
+reads it with ``check_shard_schema``. A change that
 removes or retypes a column bumps ``SCHEMA_VERSION``'s major number; adding a nullable column (video
 columns, later scores) bumps the minor number and old readers keep working.
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+# 1.1: video-text shards (the image-text columns plus the video columns); image-text shards unchanged.
+SCHEMA_VERSION = "1.1"
 
 MANIFEST_FILE = "_manifest.json"
 STATS_FILE = "_stats.json"
@@ -60,6 +62,35 @@ IMAGE_TEXT_FIELDS: list[pa.Field] = [
 IMAGE_TEXT_SCHEMA = pa.schema(
     IMAGE_TEXT_FIELDS, metadata={b"vlp.schema_version": SCHEMA_VERSION.encode()}
 )
+
+# A video-text row is one clip of a source video. Its image-text columns keep their meaning where they
+# can, so image-text readers also read video shards: ``image`` is the clip's middle sampled frame (a
+# poster), ``width``/``height`` the stored frame size, ``orig_*`` the source video's, ``phash`` the hash
+# of the clip's key frames, ``sha256`` the clip's identity (the source file's SHA-256 and the clip
+# bounds: equal bytes and bounds are an exact duplicate).
+VIDEO_FIELDS: list[pa.Field] = [
+    # Encoded frames in time order, in the shard's image_format.
+    pa.field("frames", pa.list_(pa.binary()), nullable=False),
+    pa.field("frame_times_s", pa.list_(pa.float32()), nullable=False),
+    pa.field("num_frames", pa.int32(), nullable=False),
+    pa.field("fps", pa.float32(), nullable=False),
+    # Duration of the whole source video, and the clip's place in it.
+    pa.field("duration_s", pa.float32(), nullable=False),
+    pa.field("clip_start_s", pa.float32(), nullable=False),
+    pa.field("clip_end_s", pa.float32(), nullable=False),
+    pa.field("clip_index", pa.int32(), nullable=False),
+    # The source row's key: every clip of one video (or of one captioned segment) shares it.
+    pa.field("video_id", pa.string(), nullable=False),
+    # Mean absolute grey-level change between adjacent frames (0..1): the motion filter's score.
+    pa.field("motion", pa.float32(), nullable=False),
+]
+
+VIDEO_TEXT_SCHEMA = pa.schema(
+    IMAGE_TEXT_FIELDS + VIDEO_FIELDS, metadata={b"vlp.schema_version": SCHEMA_VERSION.encode()}
+)
+
+# Columns holding encoded pixels (stored uncompressed, and counted against output.shard_bytes).
+PIXEL_COLUMNS = ("image", "frames")
 
 # Every dropped row, with enough to find it again and know why.
 DROPS_SCHEMA = pa.schema(

@@ -1,8 +1,11 @@
 """Zero-shot evaluation of a dual encoder: retrieval on held-out shards, classification by prompts.
 
 ``evaluate`` is called at the end of training, every ``eval_every`` steps (rank 0), and by
-``vlp eval`` on a saved model. Retrieval runs on held-out image-text shards (overall and per caption
-language); classification runs on a labelled folder (``data.parquet`` with ``image`` and ``label``,
+``vlp eval`` on a saved model. Retrieval runs on held-out image-text or video-text shards (overall and
+per caption language; ``i2t``/``t2i`` for images, ``v2t``/``t2v`` for clips). On clips, a video tower
+(``model.num_frames`` > 1) is also evaluated with each clip's frames shuffled (HiTeA's temporal
+shuffle test): ``retrieval_shuffled/*`` and ``temporal/mean_recall_gap`` (ordered minus shuffled) tell
+whether the model uses the order of frames at all. Classification runs on a labelled folder (``data.parquet`` with ``image`` and ``label``,
 ``classes.json`` with the class names per language), with English and Chinese prompt templates.
 """
 
@@ -19,7 +22,7 @@ import torch
 from vlp.config import ConfigError
 from vlp.data.storage import Storage, join
 from vlp.data.tokenizer import tokenize_captions
-from vlp.data.transforms import decode_images, pixels_to_model
+from vlp.data.transforms import decode_media, pixels_to_model
 from vlp.eval.metrics import chance_recall, classifier_weights, retrieval_recall, zero_shot_accuracy
 
 CLASSES_FILE = "classes.json"
@@ -47,33 +50,54 @@ class EvalConfig:
 
 @dataclass
 class PairSet:
-    images: list[bytes]
+    media: list  # images (bytes) or clips (lists of frame bytes)
     captions: list[str]
     langs: list[str]
+    clips: bool = False
 
 
-def load_pairs(files: list[str], storage: Storage, max_rows: int) -> PairSet:
-    tables, n = [], 0
+def load_pairs(files: list[str], storage: Storage, max_rows: int, frames: bool = False) -> PairSet:
+    """The first ``max_rows`` held-out pairs; with ``frames``, video shards give their clips' frames
+    (image shards, and video shards for an image tower, give one image per pair)."""
+    tables, n, clips = [], 0, False
     for path in files:
         with storage.open_input(path) as f:
-            t = pq.read_table(pa.BufferReader(f.read()), columns=["image", "caption", "lang"])
-        tables.append(t.slice(0, max_rows - n))
+            pf = pq.ParquetFile(pa.BufferReader(f.read()))
+            use_frames = frames and "frames" in pf.schema_arrow.names
+            t = pf.read(columns=["frames" if use_frames else "image", "caption", "lang"])
+        clips = clips or use_frames
+        tables.append(t.rename_columns(["media", "caption", "lang"]).slice(0, max_rows - n))
         n += tables[-1].num_rows
         if n >= max_rows:
             break
     if not n:
         raise ConfigError(f"no held-out rows to evaluate on in {files[:3]}")
+    if len({t.schema.field("media").type for t in tables}) > 1:
+        raise ConfigError(f"held-out shards mix images and videos: {files[:3]}; evaluate them apart")
     t = pa.concat_tables(tables)
-    return PairSet(t.column("image").to_pylist(), t.column("caption").to_pylist(),
-                   t.column("lang").to_pylist())
+    return PairSet(t.column("media").to_pylist(), t.column("caption").to_pylist(),
+                   t.column("lang").to_pylist(), clips=clips)
+
+
+def shuffled_order(num_frames: int, generator: torch.Generator) -> torch.Tensor:
+    """A random order of ``num_frames`` frames that is not the original one."""
+    while True:
+        perm = torch.randperm(num_frames, generator=generator)
+        if num_frames < 2 or not torch.equal(perm, torch.arange(num_frames)):
+            return perm
 
 
 @torch.no_grad()
-def encode_images(model, images: list[bytes], image_size: int, batch_size: int,
-                  device: torch.device) -> torch.Tensor:
+def encode_images(model, media: list, image_size: int, batch_size: int, device: torch.device,
+                  num_frames: int = 1, shuffle_seed: int | None = None) -> torch.Tensor:
+    """Embeddings of images or clips (``num_frames`` per clip); with ``shuffle_seed``, each clip's
+    frames go in a random (non-identity) order, fixed by the seed."""
+    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
     out = []
-    for i in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(decode_images(images[i:i + batch_size], image_size))
+    for i in range(0, len(media), batch_size):
+        pixels = torch.from_numpy(decode_media(media[i:i + batch_size], num_frames, image_size))
+        if generator is not None and pixels.dim() == 5:
+            pixels = torch.stack([clip[shuffled_order(num_frames, generator)] for clip in pixels])
         out.append(model.encode_image(pixels_to_model(pixels.to(device))).float().cpu())
     return torch.cat(out)
 
@@ -89,18 +113,33 @@ def encode_texts(model, tokenizer, texts: list[str], max_length: int, batch_size
     return torch.cat(out)
 
 
+def _recall(visual: torch.Tensor, text: torch.Tensor, ks, clips: bool) -> dict[str, float]:
+    out = retrieval_recall(visual, text, ks)
+    if clips:  # name the directions for what was retrieved
+        out = {k.replace("i2t_", "v2t_").replace("t2i_", "t2v_"): v for k, v in out.items()}
+    return out
+
+
 def evaluate_retrieval(model, tokenizer, pairs: PairSet, cfg: EvalConfig, device) -> dict[str, float]:
     mcfg = model.cfg
-    img = encode_images(model, pairs.images, mcfg.image_size, cfg.batch_size, device)
+    frames = getattr(mcfg, "num_frames", 1)
+    vis = encode_images(model, pairs.media, mcfg.image_size, cfg.batch_size, device, frames)
     txt = encode_texts(model, tokenizer, pairs.captions, mcfg.max_text_length, cfg.batch_size, device)
-    metrics = {f"retrieval/{k}": v for k, v in retrieval_recall(img, txt, cfg.ks).items()}
+    metrics = {f"retrieval/{k}": v for k, v in _recall(vis, txt, cfg.ks, pairs.clips).items()}
     metrics["retrieval/chance_R1"] = chance_recall(len(pairs.captions), 1)
     langs = np.array(pairs.langs)
     for lang in sorted(set(pairs.langs)):
         idx = torch.from_numpy(np.flatnonzero(langs == lang))
         if len(idx) >= 2:
-            per = retrieval_recall(img[idx], txt[idx], cfg.ks)
+            per = _recall(vis[idx], txt[idx], cfg.ks, pairs.clips)
             metrics.update({f"retrieval_{lang}/{k}": v for k, v in per.items()})
+    if pairs.clips and frames > 1:
+        shuffled = encode_images(model, pairs.media, mcfg.image_size, cfg.batch_size, device, frames,
+                                 shuffle_seed=0)
+        metrics.update({f"retrieval_shuffled/{k}": v
+                        for k, v in _recall(shuffled, txt, cfg.ks, True).items()})
+        metrics["temporal/mean_recall_gap"] = (metrics["retrieval/mean_recall"]
+                                               - metrics["retrieval_shuffled/mean_recall"])
     return metrics
 
 
@@ -111,7 +150,7 @@ def evaluate_classification(model, tokenizer, folder: str, cfg: EvalConfig, devi
         table = pq.read_table(pa.BufferReader(f.read()), columns=["image", "label"])
     labels = torch.tensor(table.column("label").to_pylist())
     img = encode_images(model, table.column("image").to_pylist(), model.cfg.image_size,
-                        cfg.batch_size, device)
+                        cfg.batch_size, device, getattr(model.cfg, "num_frames", 1))
     metrics: dict[str, float] = {}
     for lang, names in classes["classnames"].items():
         templates = cfg.templates.get(lang)
@@ -135,7 +174,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
     try:
         metrics: dict[str, float] = {}
         if retrieval_files:
-            pairs = load_pairs(retrieval_files, storage, cfg.max_rows)
+            pairs = load_pairs(retrieval_files, storage, cfg.max_rows,
+                               frames=getattr(model.cfg, "num_frames", 1) > 1)
             metrics.update(evaluate_retrieval(model, tokenizer, pairs, cfg, device))
         if classification:
             metrics.update(evaluate_classification(model, tokenizer, classification, cfg, device,
@@ -153,11 +193,12 @@ def recall_bar_chart(metrics: dict[str, float], path: str, title: str = "zero-sh
     import matplotlib.pyplot as plt
 
     groups = sorted({k.split("/")[0] for k in metrics if k.startswith("retrieval")})
+    directions = ("v2t", "t2v") if any("/v2t_" in k for k in metrics) else ("i2t", "t2i")
     ks = sorted({k.split("_R")[-1] for k in metrics if "_R" in k and "chance" not in k}, key=int)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(1, 2 * len(groups))
     for g_i, group in enumerate(groups):
-        for d_i, direction in enumerate(("i2t", "t2i")):
+        for d_i, direction in enumerate(directions):
             vals = [metrics.get(f"{group}/{direction}_R{k}", 0.0) for k in ks]
             offset = (2 * g_i + d_i) * width
             ax.bar([i + offset for i in range(len(ks))], vals, width, label=f"{group} {direction}")

@@ -1,8 +1,9 @@
-"""Models: encoder towers (registries in ``encoders``) and the dual encoder that joins them."""
+"""Models: encoder towers (registries in ``encoders``, video towers in ``video``) and the dual encoder."""
 
 from vlp.models.config import DualEncoderConfig, EncoderConfig
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, build_encoder
+from vlp.models import video  # noqa: F401  (registers the video towers in IMAGE_ENCODERS)
 
 __all__ = ["DualEncoder", "DualEncoderConfig", "EncoderConfig", "IMAGE_ENCODERS", "TEXT_ENCODERS",
            "build_encoder"]

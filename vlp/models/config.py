@@ -32,6 +32,9 @@ class DualEncoderConfig:
     image: EncoderConfig = field(default_factory=EncoderConfig)
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="bert"))
     image_size: int = 64
+    # Frames per sample the visual tower is built for (1: an image model). Towers with temporal
+    # position embeddings size them by this; pixels are then (B, T, 3, H, W) with T <= num_frames.
+    num_frames: int = 1
     max_text_length: int = 32
     embed_dim: int = 128
     init_temperature: float = 0.07
@@ -42,6 +45,8 @@ class DualEncoderConfig:
     def __post_init__(self):
         if self.image_size < 8 or self.max_text_length < 4 or self.embed_dim < 1:
             raise ConfigError("model: image_size >= 8, max_text_length >= 4 and embed_dim >= 1")
+        if self.num_frames < 1:
+            raise ConfigError(f"model.num_frames must be >= 1, got {self.num_frames}")
         if not 0 < self.init_temperature < 1:
             raise ConfigError("model.init_temperature must be in (0, 1)")
         if self.max_logit_scale <= 1.0 / self.init_temperature - 1e-6:

@@ -21,7 +21,8 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: DualEncoderConfig, *, vocab_size: int, pad_token_id: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.image_encoder = build_encoder(IMAGE_ENCODERS, cfg.image, image_size=cfg.image_size)
+        self.image_encoder = build_encoder(IMAGE_ENCODERS, cfg.image, image_size=cfg.image_size,
+                                           num_frames=cfg.num_frames)
         self.text_encoder = build_encoder(TEXT_ENCODERS, cfg.text, vocab_size=vocab_size,
                                           pad_token_id=pad_token_id,
                                           max_text_length=cfg.max_text_length)
@@ -40,6 +41,7 @@ class DualEncoder(nn.Module):
         return self
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings of images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``."""
         return F.normalize(self.image_proj(self.image_encoder(pixels)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,12 @@
-"""Encoder towers: a registry of image and text encoders with one interface each.
+"""Encoder towers: a registry of visual and text encoders with one interface each.
 
-Image encoders map pixels ``(B, 3, H, W)`` (normalised floats) to features ``(B, width)``; text
-encoders map ``input_ids`` and ``attention_mask`` ``(B, L)`` to features ``(B, width)``. Each class
-registers itself in ``IMAGE_ENCODERS`` or ``TEXT_ENCODERS`` and is built from an ``EncoderConfig``;
-a new tower is a new class plus a registration (the registry-wide tests then cover it).
+Visual encoders (``IMAGE_ENCODERS``) map images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)``
+(normalised floats) to features ``(B, width)``; an image is a one-frame video. Each declares the
+poolings it supports in ``poolings``. Text encoders map ``input_ids`` and ``attention_mask`` ``(B, L)``
+to features ``(B, width)``. Each class registers itself in ``IMAGE_ENCODERS`` or ``TEXT_ENCODERS`` and
+is built from an ``EncoderConfig`` plus context from the model config (``image_size``, ``num_frames``;
+``vocab_size``, ``pad_token_id``, ``max_text_length``); a new tower is a new class plus a registration
+(the registry-wide tests then cover it). Towers that model time live in ``video.py``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def _check_folder(path: str) -> None:
                           "(no config.json in it)")
 
 
+def as_video(pixels: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` as one-frame videos ``(B, 1, 3, H, W)``; videos pass unchanged."""
+    if pixels.dim() == 4:
+        return pixels.unsqueeze(1)
+    if pixels.dim() == 5:
+        return pixels
+    raise ValueError(f"pixels must be (B, 3, H, W) or (B, T, 3, H, W), got {tuple(pixels.shape)}")
+
+
+def check_pooling(cls: type[nn.Module], cfg: EncoderConfig) -> None:
+    if cfg.pooling not in cls.poolings:
+        raise ConfigError(f"encoder {cfg.name!r} cannot pool by {cfg.pooling!r}; "
+                          f"pooling: {' | '.join(cls.poolings)}")
+
+
 def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     if how == "cls" or mask is None:
         return hidden[:, 0] if how == "cls" else hidden.mean(dim=1)
@@ -67,10 +85,18 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Te
 
 @IMAGE_ENCODERS.register("vit")
 class ViTImageEncoder(nn.Module):
-    """A ViT from ``transformers`` (built from a preset, or loaded from a local folder)."""
+    """A ViT from ``transformers`` (built from a preset, or loaded from a local folder).
+
+    A video is encoded frame by frame and the frame features are averaged: CLIP4Clip's "meanP"
+    baseline. It is blind to frame order (a video and its reversal give the same features), so it
+    serves as the time-blind reference for the towers in ``video.py``; any number of frames works.
+    """
+
+    poolings = ("cls", "mean")
 
     def __init__(self, cfg: EncoderConfig, *, image_size: int, **_: Any):
         super().__init__()
+        check_pooling(type(self), cfg)
         from transformers import ViTConfig, ViTModel
 
         if cfg.pretrained_path:
@@ -89,8 +115,10 @@ class ViTImageEncoder(nn.Module):
         self.width = self.vit.config.hidden_size
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        hidden = self.vit(pixel_values=pixels).last_hidden_state
-        return _pool(hidden, None, self.pooling)
+        video = as_video(pixels)
+        hidden = self.vit(pixel_values=video.flatten(0, 1)).last_hidden_state
+        frames = _pool(hidden, None, self.pooling)
+        return frames.view(*video.shape[:2], -1).mean(dim=1)
 
 
 @TEXT_ENCODERS.register("bert")
@@ -122,17 +150,30 @@ class BertTextEncoder(nn.Module):
         return _pool(hidden, attention_mask, self.pooling)
 
 
+def _checkpointing_switch(encoder: nn.Module):
+    """The tower's own switch if it has one, else that of the first ``transformers`` model inside."""
+    for module in encoder.modules():  # the tower itself comes first
+        # transformers 5 renamed it (the old name still works, with a deprecation warning)
+        enable = (getattr(module, "activation_checkpointing_enable", None)
+                  or getattr(module, "gradient_checkpointing_enable", None))
+        if enable is not None:
+            return enable
+    return None
+
+
 def build_encoder(registry: Registry, cfg: EncoderConfig, **context: Any) -> nn.Module:
-    """Build a registered tower; apply gradient checkpointing and locking as the config asks."""
+    """Build a registered tower; apply gradient checkpointing and locking as the config asks.
+
+    A tower supports ``gradient_checkpointing`` by exposing ``gradient_checkpointing_enable()`` (or
+    ``activation_checkpointing_enable()``) itself or on a submodule; asking it of a tower that has
+    neither is a ``ConfigError`` rather than a silent no-op.
+    """
     encoder = registry.get(cfg.name)(cfg, **context)
     if cfg.gradient_checkpointing:
-        for module in encoder.modules():  # the first transformers model inside the tower
-            # transformers 5 renamed it (the old name still works, with a deprecation warning)
-            enable = (getattr(module, "activation_checkpointing_enable", None)
-                      or getattr(module, "gradient_checkpointing_enable", None))
-            if enable is not None:
-                enable()
-                break
+        enable = _checkpointing_switch(encoder)
+        if enable is None:
+            raise ConfigError(f"encoder {cfg.name!r} does not support gradient_checkpointing")
+        enable()
     if cfg.locked:
         encoder.requires_grad_(False)
     return encoder

@@ -27,9 +27,16 @@ class DataConfig:
             ``classes.json``); empty to skip.
         tokenizer: tokenizer folder; empty means ``<train>/_tokenizer`` (made by ``vlp tokenizer``).
         batch_size: rows per worker per step (the global batch is this times the world size).
+        mix: a second curated shard folder mixed into every epoch (e.g. video-text clips into an
+            image-text run: an image is a one-frame video to a video tower, a clip its middle frame to
+            an image tower); empty for none.
+        mix_fraction: the share of each epoch's samples drawn from ``mix`` (its shards are cut or
+            repeated to that share).
     """
 
     train: str = ""
+    mix: str = ""
+    mix_fraction: float = 0.5
     eval: str = ""
     holdout_shards: int = 0
     classification: str = ""
@@ -59,6 +66,8 @@ class DataConfig:
             raise ConfigError("data.cpus_per_data_task must be > 0")
         if self.holdout_shards < 0:
             raise ConfigError("data.holdout_shards must be >= 0")
+        if not 0.0 < self.mix_fraction < 1.0:
+            raise ConfigError("data.mix_fraction must be in (0, 1)")
 
 
 @dataclass(frozen=True)

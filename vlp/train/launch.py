@@ -45,6 +45,7 @@ def _absolute(path: str) -> str:
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers run in their own working folders: every local path must be absolute first."""
     data = replace(cfg.data, train=_absolute(cfg.data.train), eval=_absolute(cfg.data.eval),
+                   mix=_absolute(cfg.data.mix),
                    classification=_absolute(cfg.data.classification),
                    tokenizer=_absolute(cfg.data.tokenizer))
     return replace(cfg, data=data, output_dir=_absolute(cfg.output_dir))
@@ -80,20 +81,23 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
         if started_ray:
             ray.shutdown()
         raise
-    print(f"[train] {cfg.run_name}: {split.train_rows:,} training pairs in {len(split.train_files)} "
-          f"shards, {split.eval_rows:,} held out; tokenizer {len(tokenizer):,} entries; "
+    mixed = (f" + {split.mix_per_epoch:,} {split.mix_kind} pairs per epoch from {cfg.data.mix}"
+             if split.mix_per_epoch else "")
+    print(f"[train] {cfg.run_name}: {split.train_rows:,} {split.kind} training pairs in "
+          f"{len(split.train_files)} shards{mixed}, {split.eval_rows:,} held out; tokenizer {len(tokenizer):,} entries; "
           f"{cfg.scaling.num_workers} workers; MLflow run {run_id} at {tracking_uri}",
           file=stream, flush=True)
-    plan = RunPlan(train_rows=split.train_rows, tokenizer_dir=tokenizer_dir,
+    plan = RunPlan(train_rows=split.epoch_rows, tokenizer_dir=tokenizer_dir,
                    eval_files=split.eval_files, classification=cfg.data.classification,
                    tracking_uri=tracking_uri, mlflow_run_id=run_id, pid_dir=pid_dir)
     status = "FAILED"
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         if dataset is None:
-            dataset = build_train_dataset(split.train_files, cfg.data, image_size=cfg.model.image_size,
+            dataset = build_train_dataset(split, cfg.data, image_size=cfg.model.image_size,
                                           max_text_length=cfg.model.max_text_length,
-                                          tokenizer_dir=tokenizer_dir, storage=storage)
+                                          tokenizer_dir=tokenizer_dir, storage=storage,
+                                          num_frames=cfg.model.num_frames)
         sc = cfg.scaling
         workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
         fs, root = storage.resolve(cfg.output_dir)
@@ -139,7 +143,8 @@ def _open_mlflow_run(cfg: TrainConfig, tracking_uri: str, split) -> str:
 
     try:
         return open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
-                        manifest_uri=split.manifest_uri)
+                        manifest_uri=split.manifest_uri,
+                        mix=(split.mix_manifest, split.mix_manifest_uri) if split.mix_manifest else None)
     except MlflowException as e:  # unreachable server, refused credentials, bad store URI
         first = (e.message or str(e)).strip().splitlines()[0][:300]
         raise TrainingError(f"MLflow at {tracking_uri} refused the run: {first} (for a server with "
@@ -180,8 +185,9 @@ def format_train_summary(result: TrainResult) -> str:
     rows = [("run", result.run_name), ("steps", f"{result.steps:,}"),
             ("samples seen", f"{result.samples:,}"), ("time", f"{result.seconds:.0f} s")]
     for key in ("retrieval/i2t_R1", "retrieval/t2i_R1", "retrieval/i2t_R5", "retrieval/t2i_R5",
-                "retrieval/mean_recall", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1",
-                "zeroshot_en/chance"):
+                "retrieval/v2t_R1", "retrieval/t2v_R1", "retrieval/v2t_R5", "retrieval/t2v_R5",
+                "retrieval/mean_recall", "retrieval_shuffled/mean_recall", "temporal/mean_recall_gap",
+                "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1", "zeroshot_en/chance"):
         if key in m:
             rows.append((key, f"{m[key]:.1f}"))
     rows += [("checkpoint", result.checkpoint), ("MLflow run", result.mlflow_run_id)]

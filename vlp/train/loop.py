@@ -233,7 +233,7 @@ class Trainer:
                                       "plots")
         print(f"[train] eval at step {self.state.step}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in metrics.items()
-            if k.endswith(("mean_recall", "i2t_R1", "t2i_R1", "top1"))), flush=True)
+            if k.endswith(("mean_recall", "_R1", "top1", "gap")) and "chance" not in k), flush=True)
         return metrics
 
     def _checkpoint(self, metrics: dict, final: bool = False) -> None:

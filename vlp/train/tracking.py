@@ -49,8 +49,12 @@ def safe_params(config: Any) -> dict[str, str]:
     return params
 
 
-def open_run(config, *, tracking_uri: str, manifest: dict, manifest_uri: str) -> str:
-    """Create the run for ``config.run_name`` (or find the one a previous attempt made); return its id."""
+def open_run(config, *, tracking_uri: str, manifest: dict, manifest_uri: str,
+             mix: tuple[dict, str] | None = None) -> str:
+    """Create the run for ``config.run_name`` (or find the one a previous attempt made); return its id.
+
+    ``manifest``/``manifest_uri``: the training shards' lineage; ``mix``: the same of the mixed-in
+    shard folder, if any (logged as a second training input)."""
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -69,14 +73,17 @@ def open_run(config, *, tracking_uri: str, manifest: dict, manifest_uri: str) ->
         return previous[0].info.run_id
     with mlflow.start_run(run_name=config.run_name, tags={RUN_NAME_TAG: config.run_name}) as run:
         mlflow.log_params(safe_params(config))
-        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-        dataset = MetaDataset(source=_dataset_source(manifest_uri), name=os.path.basename(
-            os.path.dirname(manifest_uri.rstrip("/"))) or "shards", digest=digest)
-        mlflow.log_input(dataset, context="training",
-                         tags={"rows": str(manifest.get("num_rows")),
-                               "schema_version": str(manifest.get("schema_version")),
-                               "curation_config_hash": str(manifest.get("config_hash"))})
-        mlflow.log_dict(manifest, "dataset/_manifest.json")
+        inputs = [(manifest, manifest_uri, "dataset")] + ([(*mix, "dataset_mix")] if mix else [])
+        for shards_manifest, uri, folder in inputs:
+            digest = hashlib.sha256(json.dumps(shards_manifest, sort_keys=True).encode()).hexdigest()[:16]
+            dataset = MetaDataset(source=_dataset_source(uri), name=os.path.basename(
+                os.path.dirname(uri.rstrip("/"))) or "shards", digest=digest)
+            mlflow.log_input(dataset, context="training",
+                             tags={"rows": str(shards_manifest.get("num_rows")),
+                                   "kind": str(shards_manifest.get("kind", "image-text")),
+                                   "schema_version": str(shards_manifest.get("schema_version")),
+                                   "curation_config_hash": str(shards_manifest.get("config_hash"))})
+            mlflow.log_dict(shards_manifest, f"{folder}/_manifest.json")
         return run.info.run_id
 
 

@@ -1,0 +1,214 @@
+"""The curation job shared by images and videos: output checks, resume, the Ray Data wiring.
+
+    read (CaptionPairDatasource) -> processor actors -> ShardDatasink
+                                          |  check-and-insert
+                                          v
+                                   DedupShard actors (dataset-wide index)
+
+``run_curation`` is the whole job; what differs between media is the processor class (a Ray Data
+callable: a batch of source rows in, processed rows, kept or dropped, out) and the shard schema. Readers
+and writers reserve no CPU (they are light, and on a small machine CPU-reserving consumers would starve
+them); the processor actors reserve ``execution.worker_cpus`` each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipelines.ray_runtime import ensure_ray
+
+from vlp.config import config_hash, to_dict
+from vlp.curation.config import output_affecting
+from vlp.curation.dedup import DedupIndex, combine_flags, key_owner, make_entries, split_by_shard
+from vlp.data.schema import MANIFEST_FILE, SCHEMA_VERSION
+from vlp.data.storage import Storage, join
+from pipelines.progress import ProgressReporter, RunTracker, format_summary
+from pipelines.shard_sink import (
+    ShardDatasink,
+    finalize_output,
+    load_output_state,
+    read_committed_columns,
+)
+from pipelines.sources import CaptionPairDatasource, plan_inputs
+
+logger = logging.getLogger(__name__)
+
+
+class CurationError(RuntimeError):
+    """A curation run cannot start or finish; the message says why and what to do."""
+
+
+@ray.remote(num_cpus=0)
+class DedupShard:
+    """One shard of the dataset-wide dedup index; calls are serialised, so check-and-insert is atomic."""
+
+    def __init__(self, config):
+        self.index = DedupIndex(config)
+
+    def check_and_insert(self, entries):
+        return self.index.check_and_insert(entries)
+
+    def insert(self, entries):
+        self.index.insert(entries)
+
+    def size(self):
+        return self.index.size()
+
+
+def mark_duplicates(rows: list[dict], dedup_shards: list, config) -> None:
+    """Check the kept rows' hashes against the dataset-wide index (inserting them); rows found there
+    become ``duplicate_exact`` or ``duplicate_near`` drops, and lose their pixels."""
+    alive = [i for i, r in enumerate(rows) if r["drop_reason"] is None]
+    if not alive or not dedup_shards:
+        return
+    entries = make_entries(
+        [rows[i]["key"] for i in alive],
+        [rows[i]["sha256"] for i in alive],
+        np.array([rows[i]["phash"] for i in alive], dtype=np.int64),
+        config,
+    )
+    parts = split_by_shard(entries, len(dedup_shards))
+    flags = ray.get([s.check_and_insert.remote(p) for s, p in zip(dedup_shards, parts)])
+    exact, near = combine_flags(len(alive), parts, flags)
+    for j, i in enumerate(alive):
+        reason = "duplicate_exact" if exact[j] else "duplicate_near" if near[j] else None
+        if reason:
+            rows[i].update(drop_reason=reason, image=None)
+            if "frames" in rows[i]:
+                rows[i]["frames"] = None
+
+
+def report_batch(tracker, rows: list[dict]) -> None:
+    """Tell the run's tracker how many rows a batch processed, kept and dropped (per reason)."""
+    if tracker is None:
+        return
+    drops = Counter(r["drop_reason"] for r in rows if r["drop_reason"])
+    tracker.processed_batch.remote(len(rows), len(rows) - sum(drops.values()), dict(drops))
+
+
+def _check_output(output: str, storage: Storage, resume: bool, fingerprint: str):
+    state = load_output_state(output, storage, clean=resume)
+    has_content = bool(state.records) or state.manifest is not None
+    if not resume:
+        if has_content:
+            raise CurationError(
+                f"output {output} already holds a curation run; pass --resume to finish it, or "
+                "choose an empty output folder"
+            )
+        if storage.list_files(output):
+            raise CurationError(f"output {output} is not empty and holds no curation run")
+    elif state.manifest is not None and state.manifest.get("config_hash") not in (None, fingerprint):
+        raise CurationError(
+            f"cannot resume {output}: it was written with config {state.manifest.get('config_hash')}, "
+            f"this run's config is {fingerprint}; output-affecting settings must stay the same"
+        )
+    return state
+
+
+def _rebuild_dedup(output, storage, state, shards, config, done_column: str) -> tuple[np.ndarray, int]:
+    """Re-index every committed row's hashes; return the sorted hashes of the source keys already
+    done (``done_column``: ``key`` for images, ``video_id`` for the clips of a video)."""
+    wanted = ["key", "sha256", "phash"] + ([done_column] if done_column != "key" else [])
+    cols = read_committed_columns(output, storage, state, wanted)
+    keys = cols["key"]
+    done_keys = cols[done_column]
+    hashed = [i for i, s in enumerate(cols["sha256"]) if s is not None and cols["phash"][i] is not None]
+    if hashed and shards:
+        entries = make_entries([keys[i] for i in hashed], [cols["sha256"][i] for i in hashed],
+                               np.array([cols["phash"][i] for i in hashed], dtype=np.int64),
+                               config.dedup)
+        parts = split_by_shard(entries, len(shards))
+        ray.get([s.insert.remote(p) for s, p in zip(shards, parts)])
+    done = np.unique(key_owner(done_keys)) if done_keys else np.zeros(0, dtype=np.uint64)
+    return done, len(keys)
+
+
+def run_curation(src: str, output: str, config, *, media: str, processor, shard_schema: pa.Schema,
+                 done_column: str = "key", resume: bool = False, stream=sys.stderr) -> dict:
+    """Curate pairs from ``src`` into shards under ``output``; returns the run's stats.
+
+    ``config``: a curation config (``CurationConfig`` or ``VideoCurationConfig``: input, storage, dedup,
+    output and execution sections); ``processor``: the Ray Data callable class, built with ``config``,
+    ``dedup_shards`` and ``tracker``; ``done_column``: the committed column that names finished source
+    rows (resume skips them at the reader).
+
+    Raises:
+        CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.
+    """
+    started = time.monotonic()
+    storage = Storage(config.storage)
+    fingerprint = config_hash(output_affecting(config))
+    state = _check_output(output, storage, resume, fingerprint)
+    units = plan_inputs(src, config.input, storage, media)  # before anything is written
+    storage.makedirs(output)
+    if state.manifest is None:
+        storage.write_bytes_atomic(join(output, MANIFEST_FILE), json.dumps({
+            "schema_version": SCHEMA_VERSION, "status": "in_progress", "input": src,
+            "config": to_dict(config), "config_hash": fingerprint, "shards": [],
+        }, indent=2, ensure_ascii=False).encode())
+
+    started_ray = ensure_ray(config.execution.ray_address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = config.execution.progress_bars
+        ctx.print_on_execution_start = config.execution.progress_bars
+        dedup = config.dedup
+        placed = config.execution.node_resources or None  # where curation runs on a cluster
+        shards = ([DedupShard.options(resources=placed).remote(dedup) for _ in range(dedup.shards)]
+                  if (dedup.exact or dedup.near) else [])
+        done, n_done = _rebuild_dedup(output, storage, state, shards, config, done_column)
+        if n_done:
+            print(f"[curate] resuming: {n_done:,} rows already committed in "
+                  f"{len(state.records)} parts", file=stream, flush=True)
+        done_ref = ray.put(done) if len(done) else None
+        tracker = RunTracker.options(resources=placed).remote(state.next_part)
+
+        cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
+        workers = config.execution.workers or max(1, int(cpus // config.execution.worker_cpus))
+        pool = (ray.data.ActorPoolStrategy(min_size=1, max_size=config.execution.max_workers)
+                if config.execution.max_workers else ray.data.ActorPoolStrategy(size=workers))
+        if config.execution.max_workers:
+            workers = config.execution.max_workers
+        ds = ray.data.read_datasource(
+            CaptionPairDatasource(units, config.input, storage, done_ref), num_cpus=0,
+            resources=placed,
+        )
+        ds = ds.map_batches(
+            processor,
+            fn_constructor_kwargs={"config": config, "dedup_shards": shards, "tracker": tracker},
+            batch_size=config.execution.batch_size,
+            batch_format="pyarrow",
+            compute=pool,
+            num_cpus=config.execution.worker_cpus,
+            resources=placed,
+        )
+        sink = ShardDatasink(output, storage, config.output, tracker, schema=shard_schema)
+        print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
+              file=stream, flush=True)
+        with ProgressReporter(tracker, config.execution.progress_interval_s, stream):
+            # Each write task holds up to one shard in memory: bound how many run at once.
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "resources": placed or {}},
+                              concurrency=max(1, workers))
+        final_state = load_output_state(output, storage, clean=False)
+        rows_before = sum(r["rows"] + r["dropped"] for r in state.records)
+        rows_after = sum(r["rows"] + r["dropped"] for r in final_state.records)
+        stats = finalize_output(
+            output, storage, final_state, config=to_dict(config), config_hash=fingerprint,
+            input_uri=src, reject_samples=config.output.reject_samples_per_reason,
+            extra={"rows_read_this_run": rows_after - rows_before,
+                   "elapsed_s": round(time.monotonic() - started, 3)},
+            schema=shard_schema,
+        )
+        print(format_summary(stats, time.monotonic() - started, output), file=stream, flush=True)
+        return stats
+    finally:
+        if started_ray:
+            ray.shutdown()

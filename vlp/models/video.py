@@ -1,0 +1,308 @@
+"""Video towers: visual encoders that see the order of frames.
+
+Like every visual tower (see ``encoders``), these map images ``(B, 3, H, W)`` or videos
+``(B, T, 3, H, W)`` to features ``(B, width)``, an image being a one-frame video. The time-blind
+baseline is the ``vit`` tower, which averages per-frame features (CLIP4Clip's "meanP"); the towers here
+give tokens a temporal position, so reversing a video changes its features:
+
+- ``video_vit``: our own ViT over space and time (``VideoViT``), with learned temporal position
+  embeddings and ``attention: joint`` (one attention over all frames' patches, as ViViT's
+  spatio-temporal model) or ``divided`` (TimeSformer: attention over time, then over space, per block);
+- ``videomae``: ``transformers``' VideoMAE (tubelet patches, fixed sin-cos positions), from a preset or a
+  local pretrained folder.
+
+A new video tower is a new class here registered in ``IMAGE_ENCODERS``; the registry-wide tests in
+tests/test_models.py then cover it with images and videos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlp.config import ConfigError, from_dict
+from vlp.models.config import EncoderConfig
+from vlp.models.encoders import (IMAGE_ENCODERS, _check_folder, _hf_config, as_video,
+                                 check_pooling)
+
+
+@dataclass(frozen=True)
+class VideoViTSettings:
+    """The shape of a ``VideoViT``: a preset, then ``EncoderConfig.options`` over it."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    patch_size: int
+    attention: Literal["joint", "divided"] = "joint"
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        sizes = (self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+                 self.intermediate_size, self.patch_size)
+        if min(sizes) < 1:
+            raise ConfigError("video_vit: sizes, layers, heads and patch_size must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"video_vit: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("video_vit: dropout must be in [0, 1)")
+
+
+# The sizes of VIT_PRESETS (so a video_vit matches the vit of the same name, plus its time modules).
+VIDEO_VIT_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                 patch_size=8),
+    "s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                 patch_size=16),
+    "b-16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, patch_size=16),
+}
+VIDEOMAE_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
+                 patch_size=8, tubelet_size=2),
+    "s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                 patch_size=16, tubelet_size=2),
+    "b-16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, patch_size=16, tubelet_size=2),
+}
+
+
+def video_vit_settings(cfg: EncoderConfig) -> VideoViTSettings:
+    """The preset named by ``cfg.preset`` with ``cfg.options`` applied, names and types checked."""
+    if cfg.preset not in VIDEO_VIT_PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r} for encoder {cfg.name!r}; "
+                          f"presets: {', '.join(VIDEO_VIT_PRESETS)}")
+    known = [f.name for f in dataclasses.fields(VideoViTSettings)]
+    unknown = sorted(set(cfg.options) - set(known))
+    if unknown:
+        raise ConfigError(f"encoder {cfg.name!r}: unknown option {unknown[0]!r} "
+                          f"(options are: {', '.join(known)})")
+    return from_dict(VideoViTSettings, {**VIDEO_VIT_PRESETS[cfg.preset], **cfg.options},
+                     where=f"{cfg.name}.options")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over ``(B, L, D)`` tokens (fused kernel via SDPA)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, length, width))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width),
+                         nn.Dropout(dropout))
+
+
+class JointBlock(nn.Module):
+    """Pre-norm block whose attention spans every token of every frame (cost grows as (T*N)^2)."""
+
+    def __init__(self, s: VideoViTSettings):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
+        self.norm2 = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.mlp = MLP(s.hidden_size, s.intermediate_size, s.dropout)
+        self.drop = nn.Dropout(s.dropout)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class DividedBlock(nn.Module):
+    """TimeSformer's divided space-time block: attention over time, then over space, then the MLP.
+
+    Tokens are ``[CLS, frame 0 patches, frame 1 patches, ...]``. In the temporal step each patch
+    position attends to itself across the T frames (the CLS token sits out); in the spatial step each
+    frame's patches attend among themselves and to a copy of the CLS token, whose T updates are averaged.
+    Cost grows as T*N^2 + N*T^2 instead of (T*N)^2.
+    """
+
+    def __init__(self, s: VideoViTSettings):
+        super().__init__()
+        self.time_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.time_attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
+        self.space_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.space_attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
+        self.mlp_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.mlp = MLP(s.hidden_size, s.intermediate_size, s.dropout)
+        self.drop = nn.Dropout(s.dropout)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        b, length, width = x.shape
+        n = (length - 1) // frames
+        cls, patches = x[:, :1], x[:, 1:].view(b, frames, n, width)
+
+        t = patches.transpose(1, 2).reshape(b * n, frames, width)
+        t = t + self.drop(self.time_attn(self.time_norm(t)))
+        patches = t.view(b, n, frames, width).transpose(1, 2)  # (B, T, N, D)
+
+        s = torch.cat([cls.unsqueeze(1).expand(b, frames, 1, width), patches], dim=2)
+        s = self.drop(self.space_attn(self.space_norm(s.reshape(b * frames, 1 + n, width))))
+        s = s.view(b, frames, 1 + n, width)
+        cls = cls + s[:, :, 0].mean(dim=1, keepdim=True)
+        patches = (patches + s[:, :, 1:]).reshape(b, frames * n, width)
+
+        x = torch.cat([cls, patches], dim=1)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+@IMAGE_ENCODERS.register("video_vit")
+class VideoViT(nn.Module):
+    """A ViT over space and time: per-frame patch embeddings plus learned spatial and temporal positions.
+
+    The temporal table has ``num_frames`` rows; a clip of T <= num_frames frames uses rows 0..T-1, and an
+    image is a one-frame clip (row 0). ``pooling: cls`` takes the CLS token, ``mean`` averages the patch
+    tokens, both after a final LayerNorm. Gradient checkpointing (one checkpoint per block) is switched
+    on by ``gradient_checkpointing_enable()``, which ``build_encoder`` calls.
+    """
+
+    poolings = ("cls", "mean")
+
+    def __init__(self, cfg: EncoderConfig, *, image_size: int, num_frames: int = 1, **_: Any):
+        super().__init__()
+        check_pooling(type(self), cfg)
+        if cfg.pretrained_path:
+            raise ConfigError(f"encoder {cfg.name!r} has no pretrained weights to load; "
+                              "leave pretrained_path unset")
+        s = video_vit_settings(cfg)
+        if image_size % s.patch_size:
+            raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch "
+                              f"size {s.patch_size}")
+        self.settings = s
+        self.image_size = image_size
+        self.num_frames = num_frames
+        self.pooling = cfg.pooling
+        self.width = s.hidden_size
+        self.gradient_checkpointing = False
+
+        patches = (image_size // s.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, s.hidden_size, s.patch_size, stride=s.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, s.hidden_size))
+        self.space_pos = nn.Parameter(torch.zeros(1, 1, patches, s.hidden_size))
+        self.time_pos = nn.Parameter(torch.zeros(1, num_frames, 1, s.hidden_size))
+        self.embed_drop = nn.Dropout(s.dropout)
+        block = JointBlock if s.attention == "joint" else DividedBlock
+        self.blocks = nn.ModuleList(block(s) for _ in range(s.num_hidden_layers))
+        self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
+        self.apply(_init_weights)
+        for p in (self.cls_token, self.space_pos, self.time_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = True
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        video = as_video(pixels)
+        b, frames = video.shape[:2]
+        if frames > self.num_frames:
+            raise ConfigError(f"pixels have {frames} frames but encoder 'video_vit' was built for "
+                              f"model.num_frames={self.num_frames}")
+        x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, D)
+        x = x.view(b, frames, -1, self.width) + self.space_pos + self.time_pos[:, :frames]
+        x = torch.cat([self.cls_token.expand(b, 1, self.width), x.flatten(1, 2)], dim=1)
+        x = self.embed_drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, frames, use_reentrant=False)
+            else:
+                x = block(x, frames)
+        x = self.norm(x)
+        return x[:, 0] if self.pooling == "cls" else x[:, 1:].mean(dim=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+@IMAGE_ENCODERS.register("videomae")
+class VideoMAEEncoder(nn.Module):
+    """``transformers``' VideoMAE, mean-pooled (it has no CLS token) and layer-normed as its classifier.
+
+    Frames are cut into tubelets of ``tubelet_size`` frames, so a clip needs T divisible by it (and
+    T <= the model's ``num_frames``: its fixed sin-cos positions cover that many); a shorter clip uses
+    the leading positions. An image (4-D, or a one-frame clip) is repeated to ``tubelet_size`` frames.
+    Built from a preset for ``model.num_frames`` frames (``tubelet_size`` of them for an image model),
+    or loaded from a local folder, whose config then fixes ``num_frames`` and ``image_size``.
+    """
+
+    poolings = ("mean",)
+
+    def __init__(self, cfg: EncoderConfig, *, image_size: int, num_frames: int = 1, **_: Any):
+        super().__init__()
+        from transformers import VideoMAEConfig, VideoMAEModel
+
+        check_pooling(type(self), cfg)
+        if cfg.pretrained_path:
+            _check_folder(cfg.pretrained_path)
+            self.videomae = VideoMAEModel.from_pretrained(cfg.pretrained_path)
+            hf = self.videomae.config
+            if hf.image_size != image_size:
+                raise ConfigError(f"{cfg.pretrained_path} expects {hf.image_size}px images; "
+                                  f"set model.image_size to it")
+            if num_frames > hf.num_frames:
+                raise ConfigError(f"{cfg.pretrained_path} covers {hf.num_frames} frames; "
+                                  f"model.num_frames {num_frames} exceeds it")
+        else:
+            fixed = sorted({"num_frames", "image_size"} & set(cfg.options))
+            if fixed:
+                raise ConfigError(f"encoder {cfg.name!r}: option {fixed[0]!r} comes from the model "
+                                  f"config; set model.{fixed[0]} instead")
+            hf = _hf_config(VideoMAEConfig, VIDEOMAE_PRESETS, cfg, image_size=image_size)
+            if image_size % hf.patch_size:
+                raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch "
+                                  f"size {hf.patch_size}")
+            hf.num_frames = hf.tubelet_size if num_frames == 1 else num_frames
+            self.videomae = VideoMAEModel(hf)
+        self.tubelet_size = hf.tubelet_size
+        self.num_frames = hf.num_frames
+        if num_frames > 1 and num_frames % self.tubelet_size:
+            raise ConfigError(f"model.num_frames {num_frames} is not a multiple of videomae's "
+                              f"tubelet_size {self.tubelet_size}")
+        self.width = hf.hidden_size
+        # with use_mean_pooling (the default) the model ends without a norm; its classifier adds this one
+        self.fc_norm = (nn.LayerNorm(hf.hidden_size, eps=hf.layer_norm_eps)
+                        if self.videomae.layernorm is None else None)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        video = as_video(pixels)
+        frames = video.shape[1]
+        if frames == 1:
+            video = video.expand(-1, self.tubelet_size, -1, -1, -1)
+        elif frames % self.tubelet_size or frames > self.num_frames:
+            raise ConfigError(f"videomae needs a frame count divisible by its tubelet_size "
+                              f"{self.tubelet_size} and at most {self.num_frames}; got {frames}")
+        embeddings = self.videomae.embeddings
+        tokens = embeddings.patch_embeddings(video)  # (B, T/tubelet * N, D), time-major
+        # the model adds all num_frames positions; a shorter clip takes the leading ones
+        positions = embeddings.position_embeddings[:, :tokens.shape[1]]
+        tokens = tokens + positions.to(device=tokens.device, dtype=tokens.dtype)
+        hidden = self.videomae.encoder(tokens).last_hidden_state
+        if self.videomae.layernorm is not None:
+            return self.videomae.layernorm(hidden).mean(dim=1)
+        return self.fc_norm(hidden.mean(dim=1))

@@ -1,20 +1,26 @@
 """The training input pipeline: curated shards -> decoded, augmented, tokenized batches, on Ray Data.
 
 ``split_shards`` reads the shard folder's manifest and sets the held-out shards apart;
-``build_train_dataset`` is the Ray Data job Ray Train streams from (``datasets={"train": ...}``): read
-the ``image`` (or video ``frames``) and ``caption`` columns, then ``prepare_train_batch`` on CPU tasks,
-so GPU workers only train. Files are shuffled every epoch and rows within a window on each worker.
+``build_train_dataset`` is the Ray Data job Ray Train streams from (``datasets={"train": ...}``): a
+pass is a list of shard reads (every training file once per epoch, in a new random order each epoch),
+and one CPU task per read takes the ``image`` (or video ``frames``) and ``caption`` columns of its file
+through ``prepare_train_batch``, so GPU workers only train. Rows are shuffled within a window on each
+worker.
 
 A second shard folder (``data.mix``, e.g. video clips into an image run) joins every epoch with its
-share of the samples (``data.mix_fraction``); both streams leave as the same columns, with pixels
-shaped for the model's ``num_frames``.
+share of the samples (``data.mix_fraction``): its files are read in turn, the last one cut, and its
+reads are shuffled in among the epoch's. Both leave as the same columns, with pixels shaped for the
+model's ``num_frames``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlp.config import ConfigError
 from vlp.data.schema import MANIFEST_FILE
@@ -33,6 +39,7 @@ class ShardSplit:
     manifest_uri: str
     kind: str = "image-text"  # of the train shards: image-text or video-text
     mix_files: list[str] = field(default_factory=list)
+    mix_file_rows: list[int] = field(default_factory=list)
     mix_rows: int = 0  # rows in the mix folder
     mix_kind: str = ""
     mix_per_epoch: int = 0  # mix rows streamed per epoch
@@ -77,6 +84,7 @@ def split_shards(data: DataConfig, storage: Storage) -> ShardSplit:
     if data.mix:
         mix_manifest, mix_shards = read_manifest(data.mix, storage)
         split.mix_files = [p for p, _ in mix_shards]
+        split.mix_file_rows = [n for _, n in mix_shards]
         split.mix_rows = sum(n for _, n in mix_shards)
         split.mix_kind = mix_manifest.get("kind", "image-text")
         split.mix_manifest, split.mix_manifest_uri = mix_manifest, join(data.mix, MANIFEST_FILE)
@@ -84,35 +92,53 @@ def split_shards(data: DataConfig, storage: Storage) -> ShardSplit:
     return split
 
 
+def plan_pass(split: ShardSplit, epochs: int, rng: np.random.Generator) -> list[dict]:
+    """The shard reads of one pass, in order: ``{"path", "kind", "rows"}`` (``rows``: how many of the
+    file's rows to take, -1 for all)."""
+    reads, cursor = [], 0
+    for _ in range(epochs):
+        epoch = [{"path": f, "kind": split.kind, "rows": -1} for f in split.train_files]
+        wanted = split.mix_per_epoch
+        while wanted > 0:  # the mix's files in turn, across epochs
+            i = cursor % len(split.mix_files)
+            take = min(wanted, split.mix_file_rows[i])
+            epoch.append({"path": split.mix_files[i], "kind": split.mix_kind,
+                          "rows": take if take < split.mix_file_rows[i] else -1})
+            wanted -= take
+            cursor += 1
+        reads += [epoch[j] for j in rng.permutation(len(epoch))]
+    return reads
+
+
 def build_train_dataset(split: ShardSplit, data: DataConfig, *, image_size: int, max_text_length: int,
-                        tokenizer_dir: str, storage: Storage, num_frames: int = 1):
-    """The training stream: ``data.epochs_per_pass`` epochs back to back (each with its own file
-    order and augmentation), so that Ray Data's executor starts once per pass, not once per epoch."""
-    prepare = dict(image_size=image_size, max_text_length=max_text_length, tokenizer_path=tokenizer_dir,
-                   min_crop_scale=data.min_crop_scale, num_frames=num_frames)
-    passes = []
-    for _ in range(data.epochs_per_pass):
-        passes.append(_one_epoch(split.train_files, split.kind, data, storage, prepare))
-        if split.mix_per_epoch:
-            # the mix's files, cut (or repeated) to its share of the epoch
-            copies = math.ceil(split.mix_per_epoch / split.mix_rows)
-            mixes = [_one_epoch(split.mix_files, split.mix_kind, data, storage, prepare)
-                     for _ in range(copies)]
-            mix = mixes[0].union(*mixes[1:]) if copies > 1 else mixes[0]
-            passes.append(mix.limit(split.mix_per_epoch))
-    return passes[0].union(*passes[1:]) if len(passes) > 1 else passes[0]
-
-
-def _one_epoch(files: list[str], kind: str, data: DataConfig, storage: Storage, prepare: dict):
+                        tokenizer_dir: str, storage: Storage, num_frames: int = 1, seed: int | None = None):
+    """The training stream of one pass: ``data.epochs_per_pass`` epochs back to back, so that Ray
+    Data's executor starts once per pass, not once per epoch (each read augments anew)."""
     import ray.data
 
-    fs, _ = storage.resolve(files[0])
-    paths = [storage.resolve(f)[1] for f in files]
-    cpus = data.cpus_per_data_task
-    # A video tower reads the frames; an image tower reads a clip's poster (its middle frame).
-    pixels = "frames" if kind == "video-text" and prepare["num_frames"] > 1 else "image"
-    # select_columns is pushed down into the Parquet reader: the other columns are never read
-    ds = ray.data.read_parquet(paths, filesystem=fs, shuffle="files", num_cpus=cpus).select_columns(
-        [pixels, "caption"])
-    return ds.map_batches(prepare_train_batch, batch_size=data.decode_batch_size, batch_format="numpy",
-                          num_cpus=cpus, fn_kwargs=prepare)
+    reads = plan_pass(split, data.epochs_per_pass, np.random.default_rng(seed))
+    prepare = dict(image_size=image_size, max_text_length=max_text_length, tokenizer_path=tokenizer_dir,
+                   min_crop_scale=data.min_crop_scale, num_frames=num_frames)
+    return ray.data.from_items(reads, override_num_blocks=len(reads)).map_batches(
+        read_shards, batch_size=1, batch_format="pyarrow", num_cpus=data.cpus_per_data_task,
+        fn_kwargs=dict(storage=storage, rows_per_batch=data.decode_batch_size, prepare=prepare))
+
+
+def read_shards(reads: pa.Table, *, storage: Storage, rows_per_batch: int, prepare: dict):
+    """Ray Data task: the planned reads -> prepared batches (a generator: one batch in memory)."""
+    for read in reads.to_pylist():
+        # A video tower reads the frames; an image tower reads a clip's poster (its middle frame).
+        pixels = ("frames" if read["kind"] == "video-text" and prepare["num_frames"] > 1
+                  else "image")
+        fs, path = storage.resolve(read["path"])
+        left = read["rows"] if read["rows"] >= 0 else None
+        with fs.open_input_file(path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch,
+                                                        columns=[pixels, "caption"]):
+                if left is not None:
+                    if left <= 0:
+                        break
+                    batch, left = batch.slice(0, left), left - batch.num_rows
+                columns = {pixels: batch.column(pixels).to_numpy(zero_copy_only=False),
+                           "caption": batch.column("caption").to_numpy(zero_copy_only=False)}
+                yield prepare_train_batch(columns, **prepare)

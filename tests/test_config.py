@@ -1,10 +1,12 @@
 """Typed configs: loading, overrides, and errors that name the offending key."""
 
+import os
+
 import pytest
 
-from vlp.config import ConfigError, config_hash, flatten, load_config
-from vlp.curation.config import CurationConfig
-from vlp.curation.filters import FILTERS, build_filters
+from vlp.config import ConfigError, config_hash, flatten, load_config, to_dict
+from vlp.curation.config import CurationConfig, VideoCurationConfig
+from vlp.curation.filters import FILTERS, STAGES, build_filters
 
 
 def test_defaults_file_and_overrides_compose(tmp_path):
@@ -44,12 +46,17 @@ def test_missing_and_invalid_files(tmp_path):
 def test_example_config_file_spells_out_the_defaults():
     from vlp.config import to_dict
 
-    import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     example = load_config(CurationConfig, os.path.join(root, "ray_configs", "curate_images.yaml"))
     assert to_dict(example) == to_dict(CurationConfig())
     assert config_hash(example) == config_hash(CurationConfig())
+
+
+def test_the_video_example_config_is_the_defaults():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example = load_config(VideoCurationConfig, os.path.join(root, "ray_configs", "curate_videos.yaml"))
+    assert to_dict(example) == to_dict(VideoCurationConfig())
 
 
 def test_hash_and_flatten():
@@ -62,5 +69,6 @@ def test_hash_and_flatten():
 def test_every_registered_filter_builds_from_defaults_and_declares_its_reasons():
     for name, cls in FILTERS.items():
         built = build_filters({name: {}})
-        (f,) = built.caption + built.image
-        assert isinstance(f, cls) and cls.reasons and cls.stage in ("caption", "image")
+        (f,) = built.all()
+        assert isinstance(f, cls) and cls.reasons and cls.stage in STAGES
+        assert f in getattr(built, cls.stage)

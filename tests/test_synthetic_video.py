@@ -8,10 +8,11 @@ import random
 import av
 import numpy as np
 import pytest
-
 from PIL import Image
 
+from vlp.curation.dedup import DedupConfig
 from vlp.curation.filters import CaptionItem, CaptionLengthFilter, LanguageFilter
+from vlp.curation.image import hamming_distance, perceptual_hash
 from vlp.curation.text import normalize_caption
 from vlp.data.synthetic import COLOURS
 from vlp.data.synthetic_video import (
@@ -289,16 +290,41 @@ def test_duplicates_are_copies_of_a_kept_clip(samples):
     assert np.mean([np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)]) < 6
 
 
+def test_only_the_duplicates_are_near_duplicates_by_perceptual_hash(samples):
+    """Middle frames' pHashes (what near-dedup compares): distinct clean clips, and the two captioned
+    halves of the long clip, are well beyond the default radius; the re-encoded copy is within it."""
+    radius = DedupConfig().max_distance
+    rows = _by_key(samples)
+
+    def mid_hash(key, t=None):
+        frames, times = _frames(os.path.join(samples.root, rows[key]["path"]))
+        t = (times[-1] + 1 / FPS) / 2 if t is None else t
+        return perceptual_hash(Image.fromarray(frames[max(i for i, s in enumerate(times) if s <= t)]))
+
+    clean = sorted(k for k in samples.kept_keys if k.startswith("v"))
+    hashes = {k: mid_hash(k) for k in clean}
+    closest = min(hamming_distance(hashes[a], hashes[b])
+                  for i, a in enumerate(clean) for b in clean[i + 1:])
+    assert closest > radius + 2, closest
+    original = (samples.duplicate_groups[0] - {"dup_exact", "dup_near"}).pop()
+    assert hamming_distance(hashes[original], mid_hash("dup_near")) <= radius // 2
+    # the halves' middles: the shape at about the same place, moving the other way
+    assert hamming_distance(mid_hash("long_part1", 1.7), mid_hash("long_part2", 4.7)) > radius + 2
+
+
 def test_same_seed_same_bytes_other_seed_other_clips(tmp_path):
     a = generate_video_text_samples(str(tmp_path / "a"), 10, seed=3)
     b = generate_video_text_samples(str(tmp_path / "b"), 10, seed=3)
     c = generate_video_text_samples(str(tmp_path / "c"), 10, seed=4, broken=False)
+    def read(run, name):
+        return (tmp_path / run / name).read_bytes()
+
     for name in ("manifest.jsonl", "expected.json", "expected_motion.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert read("a", name) == read("b", name)
     files = sorted(os.listdir(tmp_path / "a" / "videos"))
     assert files == sorted(os.listdir(tmp_path / "b" / "videos"))
     for f in files:
-        assert (tmp_path / "a" / "videos" / f).read_bytes() == (tmp_path / "b" / "videos" / f).read_bytes()
+        assert read("a", f"videos/{f}") == read("b", f"videos/{f}"), f
     assert a.expected == b.expected and a.duplicate_groups == b.duplicate_groups
-    assert (tmp_path / "a" / "manifest.jsonl").read_bytes() != (tmp_path / "c" / "manifest.jsonl").read_bytes()
+    assert read("a", "manifest.jsonl") != read("c", "manifest.jsonl")
     assert set(c.expected.values()) == {"kept"} and len(c.expected) == 10

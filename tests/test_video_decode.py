@@ -365,6 +365,16 @@ def test_windows_stay_inside_the_segment(skv):
     assert [(c.start_s, c.end_s) for c in result.clips] == [(3.0, 5.0), (5.0, 7.0)]
 
 
+def test_segment_is_clamped_to_the_video(media):
+    open_end = process_video(media["h264"], VideoConfig(), NO_FILTERS, segment=(1.0, float("inf")))
+    assert [(c.start_s, c.end_s) for c in open_end.clips] == [(1.0, 3.0)]
+    assert min(open_end.clips[0].frame_times_s) >= 1.0
+    early = process_video(media["h264"], VideoConfig(), NO_FILTERS, segment=(-2.0, 1.0))
+    assert [(c.start_s, c.end_s) for c in early.clips] == [(0.0, 1.0)]
+    nan = process_video(media["h264"], VideoConfig(), NO_FILTERS, segment=(float("nan"), 1.0))
+    assert nan.drop_reason == "clip_too_short"
+
+
 def test_scene_cut_lands_on_the_shot_boundary(media):
     for backend in VIDEO_BACKENDS.names():
         result = process_video(media["scenes"], VideoConfig(clips="scene", backend=backend), _filters())

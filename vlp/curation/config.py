@@ -117,12 +117,11 @@ def _record_filters(config, filters: dict, stages: tuple[str, ...]) -> None:
     equally."""
     built = build_filters(filters)
     full = {name: None for name in filters}
-    for stage in ("caption", "image", "video", "clip"):
-        for f in getattr(built, stage):
-            if stage not in stages:
-                raise ConfigError(f"filter {type(f).name!r} works on {stage}s; it cannot run in this "
-                                  f"curation (filters here: {', '.join(stages)})")
-            full[type(f).name] = to_dict(f)
+    for f in built.all():
+        if f.stage not in stages:
+            raise ConfigError(f"filter {type(f).name!r} works on {f.stage}s; it cannot run in this "
+                              f"curation (filters here: {', '.join(stages)})")
+        full[type(f).name] = to_dict(f)
     object.__setattr__(config, "filters", full)
 
 

@@ -327,13 +327,14 @@ def _first_of_new_shot(reader: VideoReader, a: int, ga: np.ndarray, b: int, gb: 
 
 def plan_clips(reader: VideoReader, info: VideoInfo, config: VideoConfig,
                segment: tuple[float, float] | None) -> list[tuple[float, float]]:
-    """Clip spans in seconds, inside the segment (clamped to the video) or the whole video."""
+    """Clip spans in seconds, inside the segment (clamped to the video: ``(start, inf)`` runs to the
+    end) or the whole video."""
     start, end = 0.0, info.duration_s
     if segment is not None:
         s, e = (float(x) for x in segment)
-        if not (math.isfinite(s) and math.isfinite(e)):
-            return [(s, e)]  # not finite: reported as clip_too_short
-        start, end = max(0.0, s), min(info.duration_s, e)
+        if math.isnan(s) or math.isnan(e):
+            return [(s, e)]  # reported as clip_too_short
+        start, end = max(0.0, s), min(info.duration_s, e)  # an open end (inf) runs to the end
     if end - start <= 0 or config.clips == "segment":
         spans = [(start, end)]
     elif config.clips == "window":

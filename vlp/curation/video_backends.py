@@ -101,6 +101,8 @@ def read_header(path: str) -> VideoHeader:
             kinds = ", ".join(s.type for s in container.streams) or "none"
             raise VideoDropError("no_video_stream", f"{container.format.name}; streams: {kinds}")
         cc = stream.codec_context
+        if cc is None:  # FFmpeg has no decoder for the stream's codec (or its id is garbage)
+            raise VideoDropError("corrupt_video", f"no decoder for codec of stream {stream.index}")
         if not cc.width or not cc.height:
             raise VideoDropError("corrupt_video", f"{cc.name}: frame size unknown")
         rate = stream.average_rate or stream.guessed_rate

@@ -172,8 +172,7 @@ class VideoDecodePool:
         except (EOFError, OSError, pickle.UnpicklingError):  # the child died, maybe mid-reply
             child.process.join(_STOP_GRACE_S)
             self._raise_if_closed()
-            code = child.process.exitcode
-            how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+            how = _exit_cause(child.process.exitcode)
             logger.warning("video decoder pid %d died on %s (%s)", child.pid, path, how)
             return dropped_video(_sha256(path), "decoder_crash", f"worker {how}"), False
         os.kill(child.pid, signal.SIGKILL)
@@ -262,6 +261,15 @@ class VideoDecodePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _exit_cause(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _sha256(path: str) -> str:

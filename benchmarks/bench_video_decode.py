@@ -19,14 +19,15 @@ What runs, all in one invocation so that the decord/PyAV ratios compare numbers 
    CPU second, i.e. per core. Wall time is reported beside it; on a loaded machine it says more about
    the other tenants than about the decoder.
 2. **Leak.** One subprocess per backend runs ``process_video`` (the per-file transform the decode pool's
-   children run) on the short clip N times and records its RSS after 10 and after N files. The same N
-   files then go through ``VideoDecodePool`` with ``max_decodes_per_worker`` recycling; the child's
-   RSS is read with psutil after every file.
+   children run) on the short clip N times and records its RSS after 10 and after N files. The same
+   file then goes ``--pool-decodes`` times (default N) through a one-child ``VideoDecodePool`` with
+   ``max_decodes_per_worker`` recycling; the child's RSS is read with psutil after every file.
 3. **Pipeline.** ``pipelines.video_text.run_video_curation`` (in-process local Ray, started and
    stopped by the function) on 200 generated clips (``vlp.data.synthetic_video``, 64 px, 2 s, 8 fps,
    mixed formats), stored frame sizes 64 and 224, with ``video.backend`` decord (PyAV fallback, the
-   default) and pyav, alternating. Each run is a subprocess whose process tree (Ray's processes and the
-   decoder children included) is sampled for CPU time and peak RSS.
+   default) and pyav, the order flipping between frame sizes. Each run is a subprocess whose process
+   tree (Ray's processes and the decoder children included) is sampled for CPU time and peak RSS, and
+   the decode pool's children apart (``DecoderCpu``) for the CPU spent on the files themselves.
 
 Results: tables on stdout and ``benchmarks/results/video_decode.json`` (``--quick``:
 ``video_decode_quick.json``, ignored by git). The pipeline's samples and outputs go to
@@ -258,13 +259,16 @@ def worker_pipeline(manifest: str, out_dir: str, out_json: str, overrides: list[
     t_call = time.monotonic() - t0
     stats = run_video_curation(manifest, out_dir, config, stream=stream)
     t_return = time.monotonic() - t0
-    events = []
+    events, t_start_line = [], None
     for t, line in stream.lines:
+        if t_start_line is None and "input unit" in line:  # Ray is up and the job is planned
+            t_start_line = t
         m = _PROCESSED.search(line)
         if m and line.lstrip().startswith("[curate]"):
             events.append((t, int(m.group(1).replace(",", ""))))
     with open(out_json, "w") as f:
-        json.dump({"stats": stats, "t_call": t_call, "t_return": t_return, "progress": events}, f)
+        json.dump({"stats": stats, "t_call": t_call, "t_pipeline_start": t_start_line, "t_return": t_return,
+                   "progress": events}, f)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +391,50 @@ def _slope(points: list[tuple[int, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
 
 
+class DecoderCpu:
+    """CPU seconds of the decode pool's children (``multiprocessing`` spawn children) under the pipeline
+    worker started by ``run_measured``: the per-file work (decode, resize, hash, encode) without Ray's
+    fixed cost. A thread samples every 0.5 s; the children live for the whole run and idle at its end."""
+
+    def __init__(self, marker: str):
+        import threading
+
+        self.marker, self.cpu = marker, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        psutil = _psutil()
+        me = psutil.Process()
+        while not self._stop.wait(0.5):
+            for root in me.children():
+                try:
+                    if self.marker not in " ".join(root.cmdline()):
+                        continue
+                    procs = root.children(recursive=True)
+                except psutil.Error:
+                    continue
+                for p in procs:
+                    try:
+                        if "spawn_main" in " ".join(p.cmdline()):
+                            t = p.cpu_times()
+                            self.cpu[(p.pid, p.create_time())] = t.user + t.system
+                    except psutil.Error:
+                        pass
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
+
+
 def run_pipelines(clips: int, sizes: list[int], say) -> list[dict]:
     from vlp.data.synthetic_video import generate_video_text_samples
 
@@ -396,33 +444,38 @@ def run_pipelines(clips: int, sizes: list[int], say) -> list[dict]:
     samples = generate_video_text_samples(root, clips, broken=False)
     say(f"generated {clips} clips in {time.monotonic() - t:.1f} s")
     runs = []
-    for size in sizes:
-        for backend in BACKENDS:
+    for k, size in enumerate(sizes):
+        for backend in BACKENDS if k % 2 == 0 else BACKENDS[::-1]:  # neither backend always goes first
             tag = f"pipeline_{backend}_{size}"
             out_dir, js = os.path.join(WORK, tag + "_out"), os.path.join(WORK, tag + ".json")
             shutil.rmtree(out_dir, ignore_errors=True)
             overrides = [f"video.backend={backend}", f"video.frame.size={size}",
                          "execution.progress_interval_s=0.5"]
-            m = run_measured(_worker_cmd("pipeline", samples.manifest, out_dir, js, *overrides),
-                             os.path.join(WORK, tag + ".log"))
+            with DecoderCpu(out_dir) as decoders:
+                m = run_measured(_worker_cmd("pipeline", samples.manifest, out_dir, js, *overrides),
+                                 os.path.join(WORK, tag + ".log"))
             with open(js) as f:
                 r = json.load(f)
             st = r["stats"]
             ev = [(t, n) for t, n in r["progress"] if n > 0]
             steady = ((ev[-1][1] - ev[0][1]) / (ev[-1][0] - ev[0][0])
-                      if len(ev) >= 2 and ev[-1][0] > ev[0][0] else None)
+                      if len(ev) >= 2 and ev[-1][0] > ev[0][0] and ev[-1][1] > ev[0][1] else None)
             run = {"backend": backend, "frame_size": size, "clips": st["rows_read"],
                    "kept": st["rows_written"], "dropped": st["dropped_by_reason"],
                    "wall_s": m["wall_s"], "pipeline_s": st["elapsed_s"], "cpu_s": m["cpu_s"],
                    "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"],
-                   "t_first_rows": ev[0][0] if ev else None, "steady_clips_per_s": steady,
+                   "t_pipeline_start": r["t_pipeline_start"], "t_first_rows": ev[0][0] if ev else None,
+                   "steady_clips_per_s": steady, "decoder_cpu_s": decoders.cpu_s,
+                   "decoder_processes": len(decoders.cpu),
                    "overrides": overrides}
             run["clips_per_s"] = run["clips"] / run["wall_s"]
             run["clips_per_s_pipeline"] = run["clips"] / run["pipeline_s"]
             run["clips_per_cpu_s"] = run["clips"] / run["cpu_s"]
+            run["clips_per_decoder_cpu_s"] = run["clips"] / run["decoder_cpu_s"] if run["decoder_cpu_s"] else None
             runs.append(run)
             say(f"pipeline {backend} {size}px: {run['clips']} clips, {run['wall_s']:.1f} s wall, "
-                f"{run['pipeline_s']:.1f} s in run_video_curation, {run['cpu_s']:.1f} CPU-s")
+                f"{run['pipeline_s']:.1f} s in run_video_curation, {run['cpu_s']:.1f} CPU-s, "
+                f"{run['decoder_cpu_s']:.1f} of them in {run['decoder_processes']} decoder processes")
             shutil.rmtree(out_dir, ignore_errors=True)
     return runs
 
@@ -439,16 +492,17 @@ def render(res: dict) -> str:
     lines = ["| file | frames | keyframes (max GOP) | mode | backend | frames out | open ms CPU | read ms CPU "
              "| frames/CPU-s | frames/wall-s | peak RSS MB | above import MB | threads |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for c in res["decode"]:
+    for c in res.get("decode", []):
         fi = res["files"][c["file"]]
         lines.append(
             f"| {c['file']} ({fi['width']}x{fi['height']}) | {fi['frames']} | {fi['keyframes']} ({fi['max_gop']}) "
             f"| {c['mode']} | {c['backend']} | {c['frames']} | {_f(c['open_cpu_ms'])} | {_f(c['read_cpu_ms'])} "
             f"| {_f(c['frames_per_cpu_s'], 1)} | {_f(c['frames_per_wall_s'], 1)} | {_f(c['peak_rss_mb'])} "
             f"| {_f(c['decode_rss_mb'])} | {c['threads']} |")
-    lines += ["", "| file | mode | decord/PyAV frames per CPU-s | range over repeats | per wall-s | peak RSS "
-                  "| RSS above import | identical frames |", "|---|---|---:|---|---:|---:|---:|---|"]
-    for r in res["decode_ratios"]:
+    if res.get("decode_ratios"):
+        lines += ["", "| file | mode | decord/PyAV frames per CPU-s | range over repeats | per wall-s | peak RSS "
+                      "| RSS above import | identical frames |", "|---|---|---:|---|---:|---:|---:|---|"]
+    for r in res.get("decode_ratios", []):
         eq = "–" if r["frames_equal"] is None else f"{r['frames_equal']} of 8"
         lo, hi = r["cpu_throughput_range"]
         lines.append(f"| {r['file']} | {r['mode']} | {r['cpu_throughput']:.2f} | {lo:.2f}-{hi:.2f} "
@@ -469,18 +523,22 @@ def render(res: dict) -> str:
                          f"| {p['child_rss_max_mb']:.1f} | {p['cpu_ms_per_decode']:.1f} |")
     if res.get("pipeline"):
         lines += ["", "| frame size | backend | clips | kept | wall s | clips/s (wall) "
-                      "| clips/s (in run_video_curation) | steady clips/s | clips/CPU-s | CPU s | peak RSS MB |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                      "| clips/s (in run_video_curation) | Ray up + planned at s | first clips at s | steady clips/s "
+                      "| clips/CPU-s | CPU s | decoder CPU s | clips/decoder CPU-s | peak RSS MB |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["pipeline"]:
             lines.append(f"| {r['frame_size']} | {r['backend']} | {r['clips']} | {r['kept']} | {r['wall_s']:.1f} "
                          f"| {r['clips_per_s']:.2f} | {r['clips_per_s_pipeline']:.2f} "
+                         f"| {_f(r['t_pipeline_start'], 1)} | {_f(r['t_first_rows'], 1)} "
                          f"| {_f(r['steady_clips_per_s'], 1)} | {r['clips_per_cpu_s']:.2f} | {r['cpu_s']:.1f} "
+                         f"| {r['decoder_cpu_s']:.1f} | {_f(r['clips_per_decoder_cpu_s'], 1)} "
                          f"| {r['peak_rss_mb']:,.0f} |")
-        lines += ["", "| frame size | decord/PyAV clips/s (wall) | in run_video_curation | steady | clips/CPU-s |",
-                  "|---:|---:|---:|---:|---:|"]
+        lines += ["", "| frame size | decord/PyAV clips/s (wall) | in run_video_curation | steady | clips/CPU-s "
+                      "| clips/decoder CPU-s |", "|---:|---:|---:|---:|---:|---:|"]
         for r in res["pipeline_ratios"]:
             lines.append(f"| {r['frame_size']} | {r['clips_per_s']:.2f} | {r['clips_per_s_pipeline']:.2f} "
-                         f"| {_f(r['steady_clips_per_s'], 2)} | {r['clips_per_cpu_s']:.2f} |")
+                         f"| {_f(r['steady_clips_per_s'], 2)} | {r['clips_per_cpu_s']:.2f} "
+                         f"| {_f(r['clips_per_decoder_cpu_s'], 2)} |")
     return "\n".join(lines)
 
 
@@ -490,7 +548,8 @@ def _pipeline_ratios(runs: list[dict]) -> list[dict]:
         d = next(r for r in runs if r["frame_size"] == size and r["backend"] == "decord")
         p = next(r for r in runs if r["frame_size"] == size and r["backend"] == "pyav")
         row = {"frame_size": size}
-        for k in ("clips_per_s", "clips_per_s_pipeline", "steady_clips_per_s", "clips_per_cpu_s"):
+        for k in ("clips_per_s", "clips_per_s_pipeline", "steady_clips_per_s", "clips_per_cpu_s",
+                  "clips_per_decoder_cpu_s"):
             row[k] = d[k] / p[k] if d[k] and p[k] else None
         out.append(row)
     return out
@@ -533,6 +592,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recycle", type=int, default=100, help="pool's max_decodes_per_worker (default 100)")
     ap.add_argument("--clips", type=int, default=None, help="pipeline clips (default 200)")
     ap.add_argument("--frame-sizes", default=None, help="pipeline frame sizes, comma-separated (default 64,224)")
+    ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-leak", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--output", default=None,
@@ -568,8 +628,9 @@ def main(argv=None) -> int:
             say(f"  {name}: {fi['width']}x{fi['height']} {fi['frames']} frames, {fi['keyframes']} keyframes "
                 f"(max GOP {fi['max_gop']}), {fi['kbps']} kb/s")
         res["files"] = {k: {kk: vv for kk, vv in v.items() if kk != "path"} for k, v in files.items()}
-        res["decode"] = run_decodes(files, repeats, say)
-        res["decode_ratios"] = decode_ratios(res["decode"])
+        if not args.skip_decode:
+            res["decode"] = run_decodes(files, repeats, say)
+            res["decode_ratios"] = decode_ratios(res["decode"])
         if not args.skip_leak:
             res["leak_file"] = "short_240p"
             res["leak"] = run_leak(files["short_240p"]["path"], leak_n, pool_n, args.recycle, say)

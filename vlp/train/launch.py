@@ -187,7 +187,7 @@ def format_train_summary(result: TrainResult) -> str:
     for key in ("retrieval/i2t_R1", "retrieval/t2i_R1", "retrieval/i2t_R5", "retrieval/t2i_R5",
                 "retrieval/v2t_R1", "retrieval/t2v_R1", "retrieval/v2t_R5", "retrieval/t2v_R5",
                 "retrieval/mean_recall", "retrieval_shuffled/mean_recall", "temporal/mean_recall_gap",
-                "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1", "zeroshot_en/chance"):
+                "temporal/R1_gap", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1", "zeroshot_en/chance"):
         if key in m:
             rows.append((key, f"{m[key]:.1f}"))
     rows += [("checkpoint", result.checkpoint), ("MLflow run", result.mlflow_run_id)]

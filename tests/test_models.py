@@ -1,5 +1,6 @@
-"""Encoders and the dual encoder: every registered tower trains, the heads keep their contract, a
-real pretrained BERT folder loads offline, and a locked tower stays as loaded."""
+"""Encoders and the dual encoder: every registered tower trains (visual towers on images and videos),
+the heads keep their contract, a real pretrained BERT folder loads offline, and a locked tower stays
+as loaded. The video towers' own promises are in test_video_models.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from vlp.config import ConfigError
 from vlp.models import IMAGE_ENCODERS, TEXT_ENCODERS, DualEncoder, DualEncoderConfig, EncoderConfig
 from vlp.models.encoders import build_encoder
+from vlp.registry import Registry
 
 
 def _tiny_batch(cfg: DualEncoderConfig, b: int = 3, vocab: int = 50) -> dict[str, torch.Tensor]:
@@ -21,15 +23,20 @@ def _tiny_batch(cfg: DualEncoderConfig, b: int = 3, vocab: int = 50) -> dict[str
             "input_ids": torch.randint(5, vocab, (b, 8), generator=g), "attention_mask": mask}
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 4, 3, 32, 32)], ids=["image", "video"])
 @pytest.mark.parametrize("name", IMAGE_ENCODERS.names())
-def test_every_image_encoder_gives_every_parameter_a_gradient(name):
-    encoder = build_encoder(IMAGE_ENCODERS, EncoderConfig(name=name, preset="tiny"), image_size=32)
-    out = encoder(torch.randn(2, 3, 32, 32))
-    assert out.shape == (2, encoder.width)
-    out.square().mean().backward()
-    missing = [n for n, p in encoder.named_parameters() if p.grad is None]
-    assert not missing
-    assert all(torch.isfinite(p.grad).all() for p in encoder.parameters())
+def test_every_image_encoder_gives_every_parameter_a_gradient(name, shape):
+    """Every visual tower takes images and 4-frame videos, with each pooling it declares."""
+    for pooling in IMAGE_ENCODERS.get(name).poolings:
+        torch.manual_seed(0)
+        encoder = build_encoder(IMAGE_ENCODERS, EncoderConfig(name=name, pooling=pooling),
+                                image_size=32, num_frames=4)
+        out = encoder(torch.randn(*shape))
+        assert out.shape == (2, encoder.width)
+        out.square().mean().backward()
+        missing = [n for n, p in encoder.named_parameters() if p.grad is None]
+        assert not missing, pooling
+        assert all(torch.isfinite(p.grad).all() for p in encoder.parameters()), pooling
 
 
 @pytest.mark.parametrize("name", TEXT_ENCODERS.names())
@@ -78,13 +85,22 @@ def test_bad_encoder_settings_fail_with_the_key_named():
         build_encoder(IMAGE_ENCODERS, EncoderConfig(preset="huge"), image_size=32)
     with pytest.raises(ConfigError, match="hidden_sizes"):
         build_encoder(IMAGE_ENCODERS, EncoderConfig(options={"hidden_sizes": 3}), image_size=32)
-    with pytest.raises(ConfigError, match="registered: vit"):
+    with pytest.raises(ConfigError, match="registered: .*vit"):
         build_encoder(IMAGE_ENCODERS, EncoderConfig(name="resnet"), image_size=32)
     with pytest.raises(ConfigError, match="multiple of the patch"):
         build_encoder(IMAGE_ENCODERS, EncoderConfig(), image_size=60)
     with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
         build_encoder(TEXT_ENCODERS, EncoderConfig(name="bert", pretrained_path="/nonexistent"),
                       vocab_size=10, pad_token_id=0, max_text_length=8)
+
+
+def test_checkpointing_a_tower_without_the_switch_is_an_error():
+    """gradient_checkpointing on a tower that cannot do it fails at build, not silently."""
+    plain = Registry("test tower")
+    plain.register("linear")(lambda cfg, **_: torch.nn.Linear(4, 4))
+    build_encoder(plain, EncoderConfig(name="linear"))
+    with pytest.raises(ConfigError, match="'linear' does not support gradient_checkpointing"):
+        build_encoder(plain, EncoderConfig(name="linear", gradient_checkpointing=True))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines.curation_job import CurationError
 from pipelines.shard_sink import load_output_state
 from pipelines.video_text import run_video_curation
+from tests.test_curate_images import assert_outcomes
 from vlp.config import ConfigError, load_config
 from vlp.curation.config import VideoCurationConfig
 from vlp.data.schema import VIDEO_TEXT_SCHEMA, check_shard_schema, part_record_name, shard_name
@@ -72,22 +73,11 @@ def _outcomes(rows, drops) -> dict[str, str]:
     return seen
 
 
-def _assert_outcomes(seen: dict, samples) -> None:
-    grouped = set().union(*samples.duplicate_groups) if samples.duplicate_groups else set()
-    assert set(seen) == set(samples.expected)
-    assert {k: v for k, v in seen.items() if k not in grouped} == \
-        {k: v for k, v in samples.expected.items() if k not in grouped}
-    for group in samples.duplicate_groups:
-        outcomes = sorted(seen[k] for k in group)
-        assert outcomes.count("kept") == 1, outcomes
-        assert set(outcomes) - {"kept"} <= {"duplicate_exact", "duplicate_near"}, outcomes
-
-
 def test_manifest_input_every_row_has_its_expected_outcome(ray_cluster, videos, tmp_path):
     out = str(tmp_path / "out")
     stats = run_video_curation(videos.manifest, out, _config("output.shard_rows=8"))
     rows, drops, manifest = _read(out)
-    _assert_outcomes(_outcomes(rows, drops), videos)
+    assert_outcomes(_outcomes(rows, drops), videos)
     assert manifest["kind"] == "video-text" and manifest["status"] == "complete"
     assert manifest["columns"] == VIDEO_TEXT_SCHEMA.names and len(manifest["shards"]) >= 2
     assert stats["rows_written"] == len(rows) and stats["rows_dropped"] == len(drops)
@@ -258,7 +248,7 @@ def test_killed_run_resumes_and_writes_each_clip_once(tmp_path, cli_env):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
     rows, drops, manifest = _read(out)
-    _assert_outcomes(_outcomes(rows, drops), big)
+    assert_outcomes(_outcomes(rows, drops), big)
     assert manifest["status"] == "complete" and len(os.listdir(parts)) > committed
     assert json.load(open(os.path.join(out, "_stats.json")))["rows_read"] == len(rows) + len(drops)
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".tmp-")]

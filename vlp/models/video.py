@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlp.config import ConfigError, from_dict
 from vlp.models.config import EncoderConfig
-from vlp.models.encoders import (IMAGE_ENCODERS, _check_folder, _hf_config, as_video,
+from vlp.models.encoders import (IMAGE_ENCODERS, VIT_PRESETS, _check_folder, _hf_config, as_video,
                                  check_pooling)
 
 
@@ -63,23 +63,11 @@ class VideoViTSettings:
             raise ConfigError("video_vit: temporal_init_std must be > 0")
 
 
-# The sizes of VIT_PRESETS (so a video_vit matches the vit of the same name, plus its time modules).
+# The sizes of VIT_PRESETS (so a video tower matches the vit of the same name, plus its time modules).
 VIDEO_VIT_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                 patch_size=8),
-    "s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                 patch_size=16),
-    "b-16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, patch_size=16),
-}
+    name: dict(VIT_PRESETS[name]) for name in ("tiny", "s-16", "b-16")}
 VIDEOMAE_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, intermediate_size=256,
-                 patch_size=8, tubelet_size=2),
-    "s-16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                 patch_size=16, tubelet_size=2),
-    "b-16": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, patch_size=16, tubelet_size=2),
-}
+    name: dict(size, tubelet_size=2) for name, size in VIDEO_VIT_PRESETS.items()}
 
 
 def video_vit_settings(cfg: EncoderConfig) -> VideoViTSettings:

@@ -215,7 +215,7 @@ def _vlp_commands(entrypoint: str) -> list[list[str]]:
 def test_job_entrypoint_is_a_vlp_command_whose_config_loads(job, monkeypatch):
     """Run from the repository root (the working_dir): --config files exist, --set keys exist."""
     from vlp.cli import build_parser
-    from vlp.curation.config import CurationConfig
+    from vlp.curation.config import CurationConfig, VideoCurationConfig
     from vlp.train.config import TrainConfig
 
     monkeypatch.chdir(ROOT)
@@ -226,7 +226,8 @@ def test_job_entrypoint_is_a_vlp_command_whose_config_loads(job, monkeypatch):
         if args.command == "train":
             load_config(TrainConfig, args.config, args.overrides)
         elif args.command == "curate":
-            load_config(CurationConfig, args.config, args.overrides)
+            config_class = VideoCurationConfig if args.kind == "videos" else CurationConfig
+            load_config(config_class, args.config, args.overrides)
 
 
 def test_train_jobs_keep_their_driver_on_the_head():

@@ -3,10 +3,8 @@ temporal shuffle test, and image-text shards mixed into a video run.
 
 The sample clips' captions depend on frame order (a shape moving left to right versus right to left,
 growing versus shrinking, ...), with few colours and shapes so that most in-batch negatives differ
-only in time. What a few CPU minutes teach the tiny contrastive model is the content (colour, shape,
-kind of motion); the direction of time it has not learned by then (the temporal gap stays within a few
-points, see the issue notes), so this test checks that it learned, and that the shuffle test measures
-what it says; tests/test_video_models.py shows the video tower itself learns direction when taught.
+only in time. A model that uses the order of frames retrieves clearly better with them in order than
+shuffled; a time-blind one cannot (the held-out clips are their own generated and curated set).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import os
 import pytest
 
 from vlp.config import load_config
+from vlp.eval.metrics import chance_recall
 from vlp.train.config import TrainConfig
 
 pytestmark = pytest.mark.ray
@@ -35,23 +34,28 @@ def data(ray_cluster, tmp_path_factory):
     from vlp.data.tokenizer import TokenizerConfig, train_tokenizer_for_shards
 
     root = tmp_path_factory.mktemp("video-train")
-    videos = generate_video_text_samples(str(root / "raw-videos"), 240, seed=0, broken=False,
-                                         colours=2, shapes=2)
-    clips = str(root / "clips")
-    run_video_curation(videos.manifest, clips, load_config(VideoCurationConfig, None, [
-        "video.frame.size=32", "output.shard_rows=60", "execution.progress_interval_s=30"]))
+    curation = load_config(VideoCurationConfig, None, [
+        "video.frame.size=32", "output.shard_rows=100", "execution.progress_interval_s=30"])
+    folders = {}
+    for name, n, seed in (("clips", 480, 0), ("held_out", 120, 1)):
+        videos = generate_video_text_samples(str(root / f"raw-{name}"), n, seed=seed, broken=False,
+                                             colours=2, shapes=2)
+        folders[name] = str(root / name)
+        run_video_curation(videos.manifest, folders[name], curation)
+    clips = folders["clips"]
     train_tokenizer_for_shards(clips, TokenizerConfig(vocab_size=500))
     images = generate_image_text_samples(str(root / "raw-images"), 60, seed=1, broken=False,
                                          varied_formats=False)
     stills = str(root / "images")
     run_image_curation(images.manifest, stills, load_config(CurationConfig, None, [
         "image.size=32", "filters.min_side=null", "execution.progress_interval_s=30"]))
-    return {"clips": clips, "images": stills, "videos": videos}
+    return {"clips": clips, "held_out": folders["held_out"], "images": stills}
 
 
 def _config(tmp_path, data, *overrides) -> TrainConfig:
     return load_config(TrainConfig, RECIPE, [
-        f"data.train={data['clips']}", f"output_dir={tmp_path / 'runs'}",
+        f"data.train={data['clips']}", f"data.eval={data['held_out']}", "data.holdout_shards=0",
+        f"output_dir={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
 
 
@@ -60,12 +64,15 @@ def test_a_video_tower_learns_the_order_of_frames(data, tmp_path):
 
     result = run_training(_config(tmp_path, data))
     m = result.metrics
-    clips = json.load(open(os.path.join(data["clips"], "_manifest.json")))
-    assert m["retrieval/num_pairs"] == clips["shards"][-1]["rows"]  # the held-out shard
-    # it learned the content (colour, shape, which motion pair) ...
-    assert m["retrieval/v2t_R1"] >= 3 * m["retrieval/chance_R1"], m
-    assert m["retrieval/mean_recall"] >= 3 * m["retrieval/chance_R1"], m
-    # ... and the shuffle test ran on the same clips, with the frames out of order
+    held_out = json.load(open(os.path.join(data["held_out"], "_manifest.json")))
+    assert m["retrieval/num_pairs"] == held_out["num_rows"] >= 100
+    # it learned the content (colour, shape, kind of motion) ...
+    n = int(m["retrieval/num_pairs"])
+    chance = sum(chance_recall(n, k) for k in (1, 5, 10)) / 3  # the mean recall of random scores
+    assert m["retrieval/mean_recall"] >= 3 * chance, m
+    # ... and the direction of time: with the frames shuffled it retrieves clearly worse
+    # (measured on 2026-11-22: 42.6 in order against 30.4 shuffled)
+    assert m["temporal/mean_recall_gap"] >= 5.0, m
     assert m["retrieval_shuffled/num_pairs"] == m["retrieval/num_pairs"]
     assert m["temporal/mean_recall_gap"] == pytest.approx(
         m["retrieval/mean_recall"] - m["retrieval_shuffled/mean_recall"])
@@ -79,9 +86,7 @@ def test_images_mixed_into_a_video_run(data, tmp_path):
 
     from vlp.train.launch import run_training
 
-    clips = json.load(open(os.path.join(data["clips"], "_manifest.json")))
-    held_out = clips["shards"][-1]["rows"]
-    train_clips = clips["num_rows"] - held_out
+    train_clips = json.load(open(os.path.join(data["clips"], "_manifest.json")))["num_rows"]
     cfg = _config(tmp_path, data, f"data.mix={data['images']}", "data.mix_fraction=0.25",
                   "schedule.epochs=1", "data.epochs_per_pass=1", "data.batch_size=16")
     result = run_training(cfg)

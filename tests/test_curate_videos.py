@@ -193,6 +193,30 @@ def test_folder_with_sidecar_captions(ray_cluster, videos, tmp_path):
                                       stems[2]: "kept"}
 
 
+def test_webdataset_tar_of_videos(ray_cluster, videos, tmp_path):
+    import tarfile
+
+    picked = _clean_rows(videos, "v00001", 2)
+    tar_path = tmp_path / "tars" / "videos.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        members = []
+        for r in picked:
+            ext = r["path"].rsplit(".", 1)[1]
+            members += [(f"{r['key']}.{ext}", open(os.path.join(videos.root, r["path"]), "rb").read()),
+                        (f"{r['key']}.txt", r["caption"].encode())]
+        members.append(("captionless.txt", b"a red circle moves from the left to the right"))
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    out = str(tmp_path / "out")
+    run_video_curation(str(tar_path.parent), out, _config())
+    rows, drops, _ = _read(out)
+    assert _outcomes(rows, drops) == {**{f"videos/{r['key']}": "kept" for r in picked},
+                                      "videos/captionless": "missing_video"}
+
+
 def test_bad_config_and_output(ray_cluster, videos, tmp_path):
     with pytest.raises(ConfigError, match="min_side"):
         _config("filters.min_side={}")  # an image filter has nothing to look at in a video run

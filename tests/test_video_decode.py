@@ -474,21 +474,22 @@ def test_pool_time_limit_kills_the_child_and_keeps_working(skv, media):
         assert second != first
 
 
-def test_pool_reports_a_crashed_child_and_replaces_it(media):
+def test_pool_reports_a_crashed_child_and_replaces_it(skv, media):
     with VideoDecodePool(VideoConfig(), NO_FILTERS) as pool:
         pool.process(media["h264"])
         (pid,) = pool.pids()
         child = psutil.Process(pid)
         child.rlimit(psutil.RLIMIT_CORE, (0, 0))
-        os.kill(pid, signal.SIGSTOP)  # frozen, so the file is surely in flight when it crashes
+        idle_cpu = sum(child.cpu_times()[:2])
         results = []
-        worker = threading.Thread(target=lambda: results.append(pool.process(media["moving"])))
+        worker = threading.Thread(
+            target=lambda: results.append(pool.process(skv["bigbuckbunny"])))  # 720p: > 0.3 s
         worker.start()
         deadline = time.monotonic() + 10
-        while pool.busy_pids() != [pid] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # crash it mid-decode: once it has spent CPU on this file
+        while sum(child.cpu_times()[:2]) < idle_cpu + 0.05 and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.kill(pid, signal.SIGSEGV)
-        os.kill(pid, signal.SIGCONT)
         worker.join(10)
         (crashed,) = results
         assert crashed.drop_reason == "decoder_crash" and "SIGSEGV" in crashed.drop_detail
@@ -497,7 +498,26 @@ def test_pool_reports_a_crashed_child_and_replaces_it(media):
         assert again.drop_reason is None and pool.pids() != [pid]
 
 
+def test_a_child_that_dies_before_taking_the_file_costs_no_file(media):
+    with VideoDecodePool(VideoConfig(), NO_FILTERS) as pool:
+        pool.process(media["h264"])
+        (pid,) = pool.pids()
+        os.kill(pid, signal.SIGSTOP)  # frozen: the file waits in its pipe, not yet taken
+        results = []
+        worker = threading.Thread(target=lambda: results.append(pool.process(media["moving"])))
+        worker.start()
+        deadline = time.monotonic() + 10
+        while pool.busy_pids() != [pid] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        worker.join(30)
+        (result,) = results
+        assert result.drop_reason is None and len(result.clips[0].frames) == 8
+        assert _gone(pid) and pid not in pool.pids()
+
+
 def test_pool_replaces_a_child_that_died_while_idle(media):
+    """A child that dies between files costs no file: the next file goes to a fresh child."""
     with VideoDecodePool(VideoConfig(), NO_FILTERS) as pool:
         pool.process(media["h264"])
         (pid,) = pool.pids()

@@ -4,8 +4,10 @@ crash recovery and recycling.
 decord is unmaintained: on broken files it can hang while holding the GIL (so no thread in the same
 process can even time it out), crash the process, or leak memory file after file. Each decode therefore
 runs in a child process that the parent can kill. A file that runs past ``VideoConfig.timeout_s`` has its
-child killed (SIGKILL, by PID) and comes back as a ``decode_timeout`` drop; a child that dies comes back
-as ``decoder_crash``; either way a fresh child takes the next file. A child is also replaced after
+child killed (SIGKILL, by PID) and comes back as a ``decode_timeout`` drop; a child that dies on a file
+comes back as ``decoder_crash``; either way a fresh child takes the next file. A child answers
+``"taken"`` as it takes a file, so one that died before (idle, between files) costs no file: the file
+goes to a fresh child. A child is also replaced after
 ``max_decodes_per_worker`` files or once its resident memory passes ``max_worker_memory_mb``, so a leak
 stays bounded.
 
@@ -55,6 +57,7 @@ def _child_main(conn, config: VideoConfig, filters: FilterSet) -> None:
         if task is None:
             return
         path, segment = task
+        conn.send("taken")  # from here on, a death is this file's doing
         conn.send(process_video(path, config, filters, segment))
 
 
@@ -150,26 +153,38 @@ class VideoDecodePool:
             with os.fdopen(fd, "wb") as f:
                 f.write(source)
         try:
-            child = self._acquire()
-            healthy = False
-            try:
-                result, healthy = self._run(child, tmp or source, segment, limit)
-            finally:
-                self._release(child, healthy)
-            return result
+            for _ in range(2):
+                child = self._acquire()
+                healthy = False
+                try:
+                    result, healthy = self._run(child, tmp or source, segment, limit)
+                finally:
+                    self._release(child, healthy)
+                if result is not None:
+                    return result
+            # two children in a row died before they could take the file: not the file's doing
+            return dropped_video(_sha256(tmp or source), "decoder_crash",
+                                 "decoder processes die before taking files")
         finally:
             if tmp is not None:
                 os.unlink(tmp)
 
-    def _run(self, child: _Child, path: str, segment, limit: float) -> tuple[VideoResult, bool]:
+    def _run(self, child: _Child, path: str, segment,
+             limit: float) -> tuple[VideoResult | None, bool]:
+        """The child's result, or a drop; ``None`` when the child was dead before it took the file
+        (it died idle, and the check in ``_acquire`` can miss that: try another child)."""
         started = time.monotonic()
         try:
             child.conn.send((path, segment))
-            if child.conn.poll(limit):
+            taken = child.conn.poll(limit) and child.conn.recv() == "taken"
+        except (EOFError, OSError):  # nobody was reading: it died before it got the file
+            return None, False
+        try:
+            if taken and child.conn.poll(max(0.0, limit - (time.monotonic() - started))):
                 result = child.conn.recv()
                 child.decodes += 1
                 return result, True
-        except (EOFError, OSError, pickle.UnpicklingError):  # the child died, maybe mid-reply
+        except (EOFError, OSError, pickle.UnpicklingError):  # the child died on this file
             child.process.join(_STOP_GRACE_S)
             self._raise_if_closed()
             how = _exit_cause(child.process.exitcode)

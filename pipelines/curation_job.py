@@ -28,7 +28,7 @@ from pipelines.ray_runtime import ensure_ray
 from vlp.config import config_hash, to_dict
 from vlp.curation.config import output_affecting
 from vlp.curation.dedup import DedupIndex, combine_flags, key_owner, make_entries, split_by_shard
-from vlp.data.schema import MANIFEST_FILE, SCHEMA_VERSION
+from vlp.data.schema import MANIFEST_FILE, PIXEL_COLUMNS, SCHEMA_VERSION
 from vlp.data.storage import Storage, join
 from pipelines.progress import ProgressReporter, RunTracker, format_summary
 from pipelines.shard_sink import (
@@ -81,9 +81,10 @@ def mark_duplicates(rows: list[dict], dedup_shards: list, config) -> None:
     for j, i in enumerate(alive):
         reason = "duplicate_exact" if exact[j] else "duplicate_near" if near[j] else None
         if reason:
-            rows[i].update(drop_reason=reason, image=None)
-            if "frames" in rows[i]:
-                rows[i]["frames"] = None
+            rows[i]["drop_reason"] = reason
+            for column in PIXEL_COLUMNS:  # a dropped row keeps no pixels
+                if column in rows[i]:
+                    rows[i][column] = None
 
 
 def report_batch(tracker, rows: list[dict]) -> None:

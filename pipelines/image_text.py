@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipelines.curation_job import CurationError, mark_duplicates, report_batch, run_curation
 from pipelines.sources import InputError
 from vlp.curation.config import CurationConfig
-from vlp.curation.fetch import Fetcher
+from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher
 from vlp.curation.filters import build_filters
 from vlp.curation.pair import PROCESSED_COLUMNS, PairSettings, curate_pair
 from vlp.curation.text import warm_up
@@ -30,9 +30,6 @@ PROCESSED_SCHEMA = pa.schema(
      if c in IMAGE_TEXT_SCHEMA.names]
     + [pa.field("drop_reason", pa.string()), pa.field("drop_detail", pa.string())]
 )
-
-
-REMOTE_SCHEMES = ("http://", "https://", "s3://")
 
 
 class ImageTextProcessor:

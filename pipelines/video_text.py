@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
 from pipelines.curation_job import CurationError, mark_duplicates, report_batch, run_curation
-from pipelines.image_text import REMOTE_SCHEMES
 from pipelines.sources import InputError
 from vlp.curation.config import VideoCurationConfig
-from vlp.curation.fetch import Fetcher, FetchDropError
+from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher, FetchDropError
 from vlp.curation.filters import build_filters
 from vlp.curation.pair import check_caption
 from vlp.curation.text import warm_up
@@ -108,12 +106,7 @@ class VideoTextProcessor:
         source = raw["source"]
         if source.startswith(REMOTE_SCHEMES):
             return self.fetcher.fetch(source)
-        if not os.path.isfile(source):
-            raise FetchDropError("file_not_found", source)
-        size = os.path.getsize(source)
-        if size > self.config.fetch.max_bytes:
-            raise FetchDropError("too_large", f"{size} bytes > fetch.max_bytes")
-        return source
+        return self.fetcher.local_file(source)
 
     def _one(self, raw: dict) -> list[dict]:
         key, source = raw["key"], raw["source"]

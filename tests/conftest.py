@@ -61,6 +61,24 @@ def stop_process(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def kill_curation_mid_run(cmd: list[str], env: dict, output: str, parts: int = 3,
+                          timeout: float = 240) -> int:
+    """Start a curation CLI, SIGKILL its whole process group once ``parts`` parts are committed in
+    ``output``; return how many part records were there after the kill."""
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = os.path.join(output, "_parts")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.isdir(records) and len(os.listdir(records)) >= parts:
+            break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(os.listdir(records))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

@@ -8,11 +8,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,6 +22,7 @@ from pipelines.sources import InputError
 from vlp.config import load_config
 from vlp.curation.config import CurationConfig
 from vlp.data.schema import IMAGE_TEXT_SCHEMA, check_shard_schema
+from tests.conftest import kill_curation_mid_run
 
 pytestmark = pytest.mark.ray
 
@@ -256,18 +255,8 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path, cli_env)
            "--output", out, "--set", "output.shard_rows=8", "--set", "execution.batch_size=4",
            "--set", "input.rows_per_block=8", "--set", "execution.progress_interval_s=1"]
     env = cli_env
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = kill_curation_mid_run(cmd, env, out)
     parts = os.path.join(out, "_parts")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if os.path.isdir(parts) and len(os.listdir(parts)) >= 3:
-            break
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    committed = len(os.listdir(parts))
     manifest = json.load(open(os.path.join(out, "_manifest.json")))
     assert manifest["status"] == "in_progress"
     r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)

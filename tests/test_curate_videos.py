@@ -9,10 +9,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +21,7 @@ from PIL import Image
 from pipelines.curation_job import CurationError
 from pipelines.shard_sink import load_output_state
 from pipelines.video_text import run_video_curation
+from tests.conftest import kill_curation_mid_run
 from tests.test_curate_images import assert_outcomes
 from vlp.config import ConfigError, load_config
 from vlp.curation.config import VideoCurationConfig
@@ -255,18 +254,8 @@ def test_killed_run_resumes_and_writes_each_clip_once(tmp_path, cli_env):
            "--output", out, "--set", "output.shard_rows=4", "--set", "execution.batch_size=2",
            "--set", "input.rows_per_block=4", "--set", "execution.progress_interval_s=1",
            "--set", "video.frame.size=64"]
-    proc = subprocess.Popen(cmd, start_new_session=True, env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = kill_curation_mid_run(cmd, cli_env, out)
     parts = os.path.join(out, "_parts")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if os.path.isdir(parts) and len(os.listdir(parts)) >= 3:
-            break
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    committed = len(os.listdir(parts))
     assert json.load(open(os.path.join(out, "_manifest.json")))["status"] == "in_progress"
     r = subprocess.run(cmd + ["--resume"], env=cli_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

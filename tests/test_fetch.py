@@ -75,3 +75,20 @@ def test_local_files(tmp_path):
     assert _reason(f, str(tmp_path / "missing.jpg")) == "file_not_found"
     assert _reason(f, str(p)) == "too_large"
     assert _fetcher().fetch(str(p)) == b"abc"
+
+
+def test_local_file_checks_like_fetch_without_reading(tmp_path):
+    f = Fetcher(FetchConfig(max_bytes=10), Storage())
+    small, big = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    small.write_bytes(b"12345")
+    big.write_bytes(b"x" * 11)
+    assert f.local_file(str(small)) == str(small)
+    for path, reason in ((big, "too_large"), (tmp_path / "nope.mp4", "file_not_found"),
+                         (tmp_path, "file_not_found")):
+        with pytest.raises(FetchDropError) as e:
+            f.local_file(str(path))
+        assert e.value.reason == reason
+        if path != tmp_path:  # fetch agrees on the same files
+            with pytest.raises(FetchDropError) as e2:
+                f.fetch(str(path))
+            assert e2.value.reason == reason

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import stat
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin
@@ -71,6 +73,10 @@ class FetchDropError(Exception):
 _RETRYABLE = (ReadTimeoutError, ConnectTimeoutError, NewConnectionError, ProtocolError)
 
 
+# Sources read over the network (or an object store): fetched into memory before decoding.
+REMOTE_SCHEMES = ("http://", "https://", "s3://")
+
+
 class Fetcher:
     """Thread-safe fetcher; one per worker process, shared by its threads (one connection pool)."""
 
@@ -97,6 +103,21 @@ class Fetcher:
             raise FetchDropError("too_large", str(e)) from None
         except OSError as e:
             raise FetchDropError("read_error", str(e)[:200]) from None
+
+    def local_file(self, path: str) -> str:
+        """``path`` after the checks ``fetch`` makes, without reading it: for readers that open files
+        themselves (a video need not be in memory to be decoded)."""
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise FetchDropError("file_not_found", path) from None
+        except OSError as e:
+            raise FetchDropError("read_error", str(e)[:200]) from None
+        if not stat.S_ISREG(info.st_mode):
+            raise FetchDropError("file_not_found", f"{path} is not a file")
+        if info.st_size > self.config.max_bytes:
+            raise FetchDropError("too_large", f"file larger than {self.config.max_bytes} bytes")
+        return path
 
     def _fetch_http(self, url: str) -> bytes:
         cfg = self.config

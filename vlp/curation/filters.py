@@ -221,7 +221,7 @@ class MotionFilter:
     """Drop clips whose motion score is below ``min_score``: still images, slideshows, frozen streams.
 
     The score is the median, over a few positions in the clip, of the mean absolute grey-level change
-    (0..1) between a frame and the next one. The default sits between what encoded still images score
+    (0..1) between a frame and the frame ``video.motion_gap_s`` later (at least the next one). The default sits between what encoded still images score
     (up to about 0.0005: codec noise) and what an object of 1/8 of the frame side moving one pixel per
     frame (at 64 px) scores (about 0.004); see tests/test_video_decode.py.
     """

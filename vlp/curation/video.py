@@ -359,7 +359,8 @@ def motion_score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
 
 # --- the per-file transform ----------------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes (the identity of a source video)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -373,7 +374,7 @@ def process_video(path: str, config: VideoConfig, filters: FilterSet,
         segment: the captioned ``[start, end]`` in seconds, if the row gives one.
     """
     try:
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if os.path.getsize(path) == 0:
             return dropped_video(digest, "empty_file")
     except OSError as e:

@@ -20,7 +20,6 @@ own resource tracker process, started with the first child, lives until the pare
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 import psutil
 
 from vlp.curation.filters import FilterSet
-from vlp.curation.video import VideoConfig, VideoResult, dropped_video, process_video
+from vlp.curation.video import VideoConfig, VideoResult, dropped_video, file_sha256, process_video
 
 logger = logging.getLogger(__name__)
 
@@ -288,8 +287,8 @@ def _exit_cause(code: int | None) -> str:
 
 
 def _sha256(path: str) -> str:
+    """The file's digest for a drop the child could not report ("" if the file is unreadable)."""
     try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError:
         return ""

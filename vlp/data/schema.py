@@ -66,7 +66,7 @@ IMAGE_TEXT_SCHEMA = pa.schema(
 # A video-text row is one clip of a source video. Its image-text columns keep their meaning where they
 # can, so image-text readers also read video shards: ``image`` is the clip's middle sampled frame (a
 # poster), ``width``/``height`` the stored frame size, ``orig_*`` the source video's, ``phash`` the hash
-# of the clip's key frames, ``sha256`` the clip's identity (the source file's SHA-256 and the clip
+# of that middle frame, ``sha256`` the clip's identity (the source file's SHA-256 and the clip
 # bounds: equal bytes and bounds are an exact duplicate).
 VIDEO_FIELDS: list[pa.Field] = [
     # Encoded frames in time order, in the shard's image_format.

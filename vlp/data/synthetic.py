@@ -126,6 +126,47 @@ class SampleSet:
         return {k for k, v in self.expected.items() if v == "kept"}
 
 
+class ManifestBuilder:
+    """The files, ``manifest.jsonl`` and ``expected.json`` of a generated sample set, row by row."""
+
+    def __init__(self, root: str, folder: str):
+        self.root, self.folder = root, folder
+        self.lines: list[bytes] = []
+        self.expected: dict[str, str] = {}  # key -> "kept" or the expected drop reason
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+
+    def add(self, key: str, data: bytes | None, ext: str, caption, outcome: str, *,
+            file: str | None = None, raw_line: bytes | None = None, **fields) -> None:
+        """A row for ``key`` (its file ``<folder>/<file or key>.<ext>`` written when ``data`` is given;
+        ``raw_line`` replaces the JSON line; ``fields`` that are not None join the record)."""
+        rel = f"{self.folder}/{file or key}.{ext}"
+        if data is not None:
+            with open(os.path.join(self.root, rel), "wb") as f:
+                f.write(data)
+        if raw_line is not None:
+            self.lines.append(raw_line)
+        else:
+            rec = {"key": key, "path": rel}
+            if caption is not None:
+                rec["caption"] = caption
+            rec.update({k: v for k, v in fields.items() if v is not None})
+            self.lines.append(json.dumps(rec, ensure_ascii=False).encode())
+        self.expected[key] = outcome
+
+    def next_line_key(self) -> str:
+        """The key the reader gives the next line when it cannot parse it (file and line number)."""
+        return f"manifest-{len(self.lines):09d}"
+
+    def write(self) -> str:
+        """Write ``manifest.jsonl`` and ``expected.json``; return the manifest's path."""
+        manifest = os.path.join(self.root, "manifest.jsonl")
+        with open(manifest, "wb") as f:
+            f.write(b"\n".join(self.lines) + b"\n")
+        with open(os.path.join(self.root, "expected.json"), "w", encoding="utf-8") as f:
+            json.dump(self.expected, f, indent=1, sort_keys=True)
+        return manifest
+
+
 def generate_image_text_samples(
     root: str,
     n: int = 200,
@@ -147,25 +188,9 @@ def generate_image_text_samples(
             EXIF-rotated JPEGs among the clean samples.
     """
     rng = random.Random(seed)
-    img_dir = os.path.join(root, "images")
-    os.makedirs(img_dir, exist_ok=True)
-    lines: list[bytes] = []
-    expected: dict[str, str] = {}
+    rows = ManifestBuilder(root, "images")
+    add = rows.add
     keep_files: dict[str, bytes] = {}
-
-    def add(key: str, data: bytes | None, ext: str, caption, outcome: str, *, raw_line=None):
-        rel = f"images/{key}.{ext}"
-        if data is not None:
-            with open(os.path.join(root, rel), "wb") as f:
-                f.write(data)
-        if raw_line is not None:
-            lines.append(raw_line)
-        else:
-            rec = {"key": key, "path": rel}
-            if caption is not None:
-                rec["caption"] = caption
-            lines.append(json.dumps(rec, ensure_ascii=False).encode())
-        expected[key] = outcome
 
     formats = ["jpeg"] * 6
     if varied_formats:
@@ -222,7 +247,7 @@ def generate_image_text_samples(
         add("bad_utf8", good_jpeg, "jpg", None, "invalid_utf8",
             raw_line=b'{"key": "bad_utf8", "path": "images/bad_utf8.jpg", "caption": "a red \xff\xfe circle"}')
         # A line that is not JSON has no readable key: the reader names it by file and line number.
-        add(f"manifest-{len(lines):09d}", None, "jpg", None, "malformed_row",
+        add(rows.next_line_key(), None, "jpg", None, "malformed_row",
             raw_line=b'{"key": "bad_json", "path": "images/x.jpg", "caption": ')
         add("bad_tiny", _encode(draw_sample(random_spec(rng), 24, 24, rng), "PNG"), "png",
             "a small blue square in the centre", "image_too_small")
@@ -245,13 +270,9 @@ def generate_image_text_samples(
         add("html_caption", _encode(draw_sample(random_spec(rng), 320, 256, rng), "JPEG"), "jpg",
             "a small black star &amp; a line <b>in the centre</b> https://example.com/x.jpg",
             "kept")
-    manifest = os.path.join(root, "manifest.jsonl")
-    with open(manifest, "wb") as f:
-        f.write(b"\n".join(lines) + b"\n")
-    with open(os.path.join(root, "expected.json"), "w", encoding="utf-8") as f:
-        json.dump(expected, f, indent=1, sort_keys=True)
+    manifest = rows.write()
     groups = [{next(iter(keep_files)), "dup_exact", "dup_near"}] if broken else []
-    return SampleSet(root, manifest, expected, groups)
+    return SampleSet(root, manifest, rows.expected, groups)
 
 
 def generate_classification_set(root: str, per_class: int = 20, seed: int = 1,

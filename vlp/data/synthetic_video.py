@@ -27,7 +27,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlp.data.synthetic import COLOURS, SHAPES, SampleSet
+from vlp.data.synthetic import COLOURS, SHAPES, ManifestBuilder, SampleSet
 
 
 class Motion(NamedTuple):
@@ -298,29 +298,10 @@ def generate_video_text_samples(
             tests) a model's sense of frame order; clips then repeat captions, never frames.
     """
     rng = random.Random(seed)
-    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
     n_frames = max(2, round(seconds * fps))
-    lines: list[bytes] = []
-    expected: dict[str, str] = {}
+    rows = ManifestBuilder(root, "videos")
+    add = rows.add
     motions: dict[str, tuple[VideoSpec, str, dict]] = {}
-
-    def add(key: str, data: bytes | None, ext: str, caption, outcome: str, *, lang=None,
-            file: str | None = None, raw_line=None, **extra):
-        rel = f"videos/{file or key}.{ext}"
-        if data is not None:
-            with open(os.path.join(root, rel), "wb") as f:
-                f.write(data)
-        if raw_line is not None:
-            lines.append(raw_line)
-        else:
-            rec = {"key": key, "path": rel}
-            if caption is not None:
-                rec["caption"] = caption
-            if lang is not None:
-                rec["lang"] = lang
-            rec.update(extra)
-            lines.append(json.dumps(rec, ensure_ascii=False).encode())
-        expected[key] = outcome
 
     def clip(spec: VideoSpec, lang: str, key: str, data: bytes | None, ext: str,
              outcome: str = "kept", *, file: str | None = None, **interval):
@@ -384,7 +365,7 @@ def generate_video_text_samples(
         add("bad_no_caption", good, "mp4", None, "missing_caption")
         add("bad_empty_caption", good, "mp4", "", "missing_caption")
         # A line that is not JSON has no readable key: the reader names it by file and line number.
-        add(f"manifest-{len(lines):09d}", None, "mp4", None, "malformed_row",
+        add(rows.next_line_key(), None, "mp4", None, "malformed_row",
             raw_line=b'{"key": "bad_json", "path": "videos/x.mp4", "caption": ')
         add("bad_short_caption", good, "mp4", "123!", "caption_too_short")
         # Duplicates of the first clean H.264 clip: its exact bytes, and the same frames re-encoded
@@ -404,16 +385,12 @@ def generate_video_text_samples(
         clip(long_spec.reversed(), lang, "long_part2", None, "mp4", file="long", start=half,
              end=2 * half)
 
-    manifest = os.path.join(root, "manifest.jsonl")
-    with open(manifest, "wb") as f:
-        f.write(b"\n".join(lines) + b"\n")
-    with open(os.path.join(root, "expected.json"), "w", encoding="utf-8") as f:
-        json.dump(expected, f, indent=1, sort_keys=True)
+    manifest = rows.write()
     sidecar = {k: {"motion": s.motion, "colour": s.colour, "shape": s.shape, "lang": lg, **iv}
                for k, (s, lg, iv) in motions.items()}
     with open(os.path.join(root, "expected_motion.json"), "w", encoding="utf-8") as f:
         json.dump(sidecar, f, indent=1, sort_keys=True)
-    return VideoSampleSet(root, manifest, expected, groups,
+    return VideoSampleSet(root, manifest, rows.expected, groups,
                           motions={k: s for k, (s, _, _) in motions.items()})
 
 

@@ -111,14 +111,17 @@ def plan_pass(split: ShardSplit, epochs: int, rng: np.random.Generator) -> list[
 
 
 def build_train_dataset(split: ShardSplit, data: DataConfig, *, image_size: int, max_text_length: int,
-                        tokenizer_dir: str, storage: Storage, num_frames: int = 1, seed: int | None = None):
+                        tokenizer_dir: str, storage: Storage, num_frames: int = 1, seed: int | None = None,
+                        significant_words: list[str] | None = None):
     """The training stream of one pass: ``data.epochs_per_pass`` epochs back to back, so that Ray
-    Data's executor starts once per pass, not once per epoch (each read augments anew)."""
+    Data's executor starts once per pass, not once per epoch (each read augments anew).
+    ``significant_words`` (SNP-S3) adds each batch's ``significant`` word ids."""
     import ray.data
 
     reads = plan_pass(split, data.epochs_per_pass, np.random.default_rng(seed))
     prepare = dict(image_size=image_size, max_text_length=max_text_length, tokenizer_path=tokenizer_dir,
-                   min_crop_scale=data.min_crop_scale, num_frames=num_frames)
+                   min_crop_scale=data.min_crop_scale, num_frames=num_frames,
+                   significant_words=tuple(significant_words) if significant_words else None)
     return ray.data.from_items(reads, override_num_blocks=len(reads)).map_batches(
         read_shards, batch_size=1, batch_format="pyarrow", num_cpus=data.cpus_per_data_task,
         fn_kwargs=dict(storage=storage, rows_per_batch=data.decode_batch_size, prepare=prepare))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlp.models import DualEncoder, DualEncoderConfig, EncoderConfig
-from vlp.objectives import build_objectives
+from vlp.objectives.pretraining import MaskingConfig, PretrainingModel
 from vlp.train.steps import NonFiniteLossError, StepContext, feature_cache_step, plain_step
 
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
@@ -28,8 +28,9 @@ def _setup(seed=0, **model):
 
 
 def _ctx(net, mode="global"):
-    objectives = build_objectives({"contrastive": {"loss": {"mode": mode}}})
-    return StepContext(model=net, ddp=net, objectives=objectives, autocast=contextlib.nullcontext)
+    wrapped = PretrainingModel(net, {"contrastive": {"loss": {"mode": mode}}}, MaskingConfig(),
+                               special_ids=[0], mask_id=1).train()
+    return StepContext(model=wrapped, ddp=wrapped, autocast=contextlib.nullcontext)
 
 
 def _split(batch, n):

@@ -153,9 +153,15 @@ def load_tokenizer(path: str, storage: Storage | None = None):
     return AutoTokenizer.from_pretrained(local)
 
 
-def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """Captions -> padded ``input_ids`` and ``attention_mask`` (int64, shape ``(B, max_length)``)."""
+def tokenize_captions(tokenizer, captions: list[str], max_length: int,
+                      offsets: bool = False) -> dict[str, np.ndarray]:
+    """Captions -> padded ``input_ids`` and ``attention_mask`` (int64, shape ``(B, max_length)``);
+    with ``offsets`` also each token's character span ``(B, max_length, 2)`` ((0, 0) for special
+    tokens and padding)."""
     enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64),
-            "attention_mask": enc["attention_mask"].astype(np.int64)}
+                    return_tensors="np", return_offsets_mapping=offsets)
+    out = {"input_ids": enc["input_ids"].astype(np.int64),
+           "attention_mask": enc["attention_mask"].astype(np.int64)}
+    if offsets:
+        out["offsets"] = enc["offset_mapping"].astype(np.int64)
+    return out

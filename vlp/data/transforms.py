@@ -106,17 +106,31 @@ def cached_tokenizer(path: str):
 
 def prepare_train_batch(batch: dict[str, np.ndarray], *, image_size: int, max_text_length: int,
                         tokenizer_path: str, min_crop_scale: float = 1.0, augment: bool = True,
-                        num_frames: int = 1) -> dict[str, np.ndarray]:
+                        num_frames: int = 1,
+                        significant_words: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Shard rows (``image`` bytes or video ``frames``, ``caption``) -> ``pixels``, ``input_ids``,
-    ``attention_mask``; pixels are ``(B, T, H, W, 3)`` when ``num_frames`` > 1."""
+    ``attention_mask``; pixels are ``(B, T, H, W, 3)`` when ``num_frames`` > 1. With
+    ``significant_words`` also ``significant``: per token, 0 or the 1-based index of the significant
+    word it belongs to (SNP-S3's masking and word matching read it)."""
     from vlp.data.tokenizer import tokenize_captions
 
     rng = np.random.default_rng() if augment else None
     items = ([list(f) for f in batch["frames"]] if "frames" in batch else list(batch["image"]))
     pixels = decode_media(items, num_frames, image_size, rng, min_crop_scale)
-    tokens = tokenize_captions(cached_tokenizer(tokenizer_path), [str(c) for c in batch["caption"]],
-                               max_text_length)
+    captions = [str(c) for c in batch["caption"]]
+    tokens = tokenize_captions(cached_tokenizer(tokenizer_path), captions, max_text_length,
+                               offsets=significant_words is not None)
+    if significant_words is not None:
+        from vlp.curation.significant_words import significant_word_ids
+
+        tokens["significant"] = significant_word_ids(captions, tokens.pop("offsets"),
+                                                     _word_set(significant_words))
     return {"pixels": pixels, **tokens}
+
+
+@functools.lru_cache(maxsize=2)
+def _word_set(words: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(words)
 
 
 def pixels_to_model(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

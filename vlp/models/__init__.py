@@ -3,7 +3,7 @@
 from vlp.models.config import DualEncoderConfig, EncoderConfig
 from vlp.models.dual_encoder import DualEncoder
 from vlp.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, build_encoder
-from vlp.models import video  # noqa: F401  (registers the video towers in IMAGE_ENCODERS)
+from vlp.models import text, video  # noqa: F401  (register our text tower and the video towers)
 
 __all__ = ["DualEncoder", "DualEncoderConfig", "EncoderConfig", "IMAGE_ENCODERS", "TEXT_ENCODERS",
            "build_encoder"]

@@ -28,6 +28,40 @@ class EncoderConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    """The fusion encoder, which reads text and visual tokens together (matching, conditioned MLM,
+    SimVTP's joint reconstruction). Built when ``layers`` > 0 or ``share_text_encoder`` is set.
+
+    Attributes:
+        layers: its own transformer layers (0 with ``share_text_encoder``: it has none of its own).
+        mode: ``cross`` (ALBEF: text tokens self-attend and cross-attend to visual tokens) or
+            ``joint`` (SimVTP's unified encoder: one self-attention over visual and text tokens
+            together; both come out, each informed by the other).
+        share_text_encoder: SNP-S3's shared network: the text tower itself (encoder ``transformer``,
+            built with cross-attention in every layer) is the fusion encoder; ``cross`` mode only.
+        heads, mlp_ratio: of its own layers; its width is the text tower's.
+    """
+
+    layers: int = 0
+    mode: Literal["cross", "joint"] = "cross"
+    share_text_encoder: bool = False
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.layers > 0 or self.share_text_encoder
+
+    def __post_init__(self):
+        if self.layers < 0 or self.heads < 1 or self.mlp_ratio <= 0:
+            raise ConfigError("model.fusion: layers >= 0, heads >= 1, mlp_ratio > 0")
+        if self.share_text_encoder and (self.layers or self.mode != "cross"):
+            raise ConfigError("model.fusion.share_text_encoder reuses the text tower's layers in cross "
+                              "mode: leave fusion.layers at 0 and mode at cross")
+
+
+@dataclass(frozen=True)
 class DualEncoderConfig:
     image: EncoderConfig = field(default_factory=EncoderConfig)
     text: EncoderConfig = field(default_factory=lambda: EncoderConfig(name="bert"))
@@ -41,6 +75,7 @@ class DualEncoderConfig:
     max_logit_scale: float = 100.0
     # SigLIP's learnable bias (its paper starts at -10); None for the softmax losses, which ignore it.
     init_logit_bias: float | None = None
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self):
         if self.image_size < 8 or self.max_text_length < 4 or self.embed_dim < 1:
@@ -52,3 +87,6 @@ class DualEncoderConfig:
         if self.max_logit_scale <= 1.0 / self.init_temperature - 1e-6:
             # the clamp would cut the initial scale: almost certainly a typo
             raise ConfigError("model.max_logit_scale must exceed 1 / init_temperature")
+        if self.fusion.share_text_encoder and self.text.name != "transformer":
+            raise ConfigError("model.fusion.share_text_encoder needs model.text.name: transformer (our "
+                              "text tower, which can attend to visual tokens)")

@@ -1,8 +1,11 @@
-"""The dual encoder: two towers, linear projections, L2 normalisation, a learnable temperature.
+"""The dual encoder: two towers, linear projections, L2 normalisation, a learnable temperature, and
+optionally a fusion encoder that reads both modalities (``model.fusion``).
 
-``forward(batch)`` returns everything the objectives need in one pass (so one DDP forward covers every
-parameter): normalised image and text embeddings, the exponentiated logit scale (clamped at
-``max_logit_scale``, as in CLIP, so the temperature cannot collapse) and, for SigLIP, the logit bias.
+``forward(batch)`` returns the contrastive outputs: normalised image and text embeddings, the
+exponentiated logit scale (clamped at ``max_logit_scale``, as in CLIP, so the temperature cannot
+collapse) and, for SigLIP, the logit bias. The token-level methods (``encode_vision_tokens``,
+``encode_text_tokens``, ``fuse``) serve the masked, matching and generative objectives; the
+pretraining module (``vlp.objectives.pretraining``) calls them in one pass.
 """
 
 from __future__ import annotations
@@ -14,18 +17,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.models.config import DualEncoderConfig
+from vlp.config import ConfigError
 from vlp.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, build_encoder
+from vlp.models.fusion import FusedTokens, FusionEncoder
 
 
 class DualEncoder(nn.Module):
-    def __init__(self, cfg: DualEncoderConfig, *, vocab_size: int, pad_token_id: int = 0):
+    """Args: ``vision_mask_token`` builds the visual tower's learned mask token (needed only to encode
+    masked patches as mask tokens rather than dropping them)."""
+
+    def __init__(self, cfg: DualEncoderConfig, *, vocab_size: int, pad_token_id: int = 0,
+                 vision_mask_token: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.vocab_size = vocab_size
+        vision_context = {"mask_token": True} if vision_mask_token else {}
         self.image_encoder = build_encoder(IMAGE_ENCODERS, cfg.image, image_size=cfg.image_size,
-                                           num_frames=cfg.num_frames)
+                                           num_frames=cfg.num_frames, **vision_context)
+        shared = cfg.fusion.share_text_encoder
         self.text_encoder = build_encoder(TEXT_ENCODERS, cfg.text, vocab_size=vocab_size,
                                           pad_token_id=pad_token_id,
-                                          max_text_length=cfg.max_text_length)
+                                          max_text_length=cfg.max_text_length,
+                                          cross_width=self.image_encoder.width if shared else None)
+        self.fusion = (FusionEncoder(cfg.fusion, text_width=self.text_encoder.width,
+                                     vision_width=self.image_encoder.width)
+                       if cfg.fusion.layers > 0 else None)
         self.image_proj = nn.Linear(self.image_encoder.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text_encoder.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
@@ -46,6 +62,41 @@ class DualEncoder(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)), dim=-1)
+
+    # ---- token level (masked, matching and generative objectives) -------------------------------
+    def encode_vision_tokens(self, pixels: torch.Tensor, keep: torch.Tensor | None = None,
+                             mask_tokens: bool = False):
+        """The visual tower's ``VisionTokens`` (``keep``: a tube mask's kept patches)."""
+        if not hasattr(self.image_encoder, "encode_tokens"):
+            raise ConfigError(f"image encoder {self.cfg.image.name!r} gives no tokens")
+        return self.image_encoder.encode_tokens(pixels, keep, mask_tokens)
+
+    def embed_vision(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder.encode_tokens(input_ids, attention_mask)
+
+    def embed_text(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_encoder.pool(hidden, attention_mask)), dim=-1)
+
+    @property
+    def fusion_width(self) -> int:
+        return self.text_encoder.width
+
+    def fuse(self, vision_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             text_hidden: torch.Tensor | None = None) -> FusedTokens:
+        """Text read with the visual tokens ``(B, Lv, Dv)``. ``text_hidden`` (the text tower's states
+        of ``input_ids``) saves re-encoding when the caller has it; the shared network ignores it."""
+        if self.cfg.fusion.share_text_encoder:
+            return FusedTokens(self.text_encoder.encode_tokens(input_ids, attention_mask,
+                                                               context=vision_tokens))
+        if self.fusion is None:
+            raise ConfigError("this objective needs a fusion encoder: set model.fusion.layers (or "
+                              "model.fusion.share_text_encoder)")
+        if text_hidden is None:
+            text_hidden = self.encode_text_tokens(input_ids, attention_mask)
+        return self.fusion(text_hidden, attention_mask, vision_tokens)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)

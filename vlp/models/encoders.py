@@ -76,7 +76,7 @@ def check_pooling(cls: type[nn.Module], cfg: EncoderConfig) -> None:
                           f"pooling: {' | '.join(cls.poolings)}")
 
 
-def _pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
     if how == "cls" or mask is None:
         return hidden[:, 0] if how == "cls" else hidden.mean(dim=1)
     weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -93,6 +93,7 @@ class ViTImageEncoder(nn.Module):
     """
 
     poolings = ("cls", "mean")
+    supports_masking = False  # HF's ViT has no visible-only path here: use video_vit to mask
 
     def __init__(self, cfg: EncoderConfig, *, image_size: int, **_: Any):
         super().__init__()
@@ -114,11 +115,26 @@ class ViTImageEncoder(nn.Module):
         self.pooling = cfg.pooling
         self.width = self.vit.config.hidden_size
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _frames(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame hidden states ``(B, T, 1 + N, D)`` and the meanP features ``(B, D)``."""
         video = as_video(pixels)
         hidden = self.vit(pixel_values=video.flatten(0, 1)).last_hidden_state
-        frames = _pool(hidden, None, self.pooling)
-        return frames.view(*video.shape[:2], -1).mean(dim=1)
+        frames = pool_tokens(hidden, None, self.pooling)
+        return hidden.view(*video.shape[:2], *hidden.shape[1:]), frames.view(*video.shape[:2], -1).mean(dim=1)
+
+    def encode_tokens(self, pixels: torch.Tensor, keep=None, mask_tokens: bool = False):
+        """``VisionTokens``: the meanP feature as the leading token, then every frame's patch tokens."""
+        from vlp.models.video import VisionTokens
+
+        if keep is not None:
+            raise ConfigError("encoder 'vit' cannot encode masked patches: use 'video_vit' for masking")
+        hidden, pooled = self._frames(pixels)
+        tokens = torch.cat([pooled[:, None], hidden[:, :, 1:].flatten(1, 2)], dim=1)
+        patch = self.vit.config.patch_size
+        return VisionTokens(tokens, hidden.shape[1], hidden.shape[2] - 1, patch, pooled)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._frames(pixels)[1]
 
 
 @TEXT_ENCODERS.register("bert")
@@ -145,9 +161,15 @@ class BertTextEncoder(nn.Module):
         self.pooling = cfg.pooling
         self.width = self.bert.config.hidden_size
 
+    def encode_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L, width)`` token states (what the fusion encoder and the MLM head read)."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(hidden, attention_mask, self.pooling)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return _pool(hidden, attention_mask, self.pooling)
+        return self.pool(self.encode_tokens(input_ids, attention_mask), attention_mask)
 
 
 def _checkpointing_switch(encoder: nn.Module):

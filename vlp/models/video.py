@@ -30,6 +30,8 @@ from vlp.config import ConfigError, from_dict
 from vlp.models.config import EncoderConfig
 from vlp.models.encoders import (IMAGE_ENCODERS, VIT_PRESETS, _check_folder, _hf_config, as_video,
                                  check_pooling)
+from vlp.models.masking import keep_to_mask
+from vlp.models.transformer import MLP
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,6 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, length, width))
 
 
-class MLP(nn.Sequential):
-    def __init__(self, width: int, hidden: int, dropout: float):
-        super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width),
-                         nn.Dropout(dropout))
-
-
 class JointBlock(nn.Module):
     """Pre-norm block whose attention spans every token of every frame (cost grows as (T*N)^2)."""
 
@@ -162,6 +158,31 @@ class DividedBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+@dataclass
+class VisionTokens:
+    """A visual tower's token output, as the masked objectives and the heads need it.
+
+    Attributes:
+        tokens: ``(B, 1 + T * K, D)`` after the final norm: the CLS token, then frame by frame the K
+            tokens of each frame (K = all patches, or the kept ones of a tube mask).
+        frames: T.
+        patches: patches per frame of the full grid (``(image_size / patch_size) ** 2``).
+        patch_size: pixels per patch side.
+        keep: ``(B, K)`` indices of the kept patches (the same in every frame), or None (all kept, or
+            masked patches were encoded as mask tokens: then ``masked`` says which).
+        masked: ``(B, patches)`` True where a patch is masked, or None when nothing is masked.
+        pooled: ``(B, D)`` the tower's feature (what ``forward`` returns), from these tokens.
+    """
+
+    tokens: torch.Tensor
+    frames: int
+    patches: int
+    patch_size: int
+    pooled: torch.Tensor
+    keep: torch.Tensor | None = None
+    masked: torch.Tensor | None = None
+
+
 @IMAGE_ENCODERS.register("video_vit")
 class VideoViT(nn.Module):
     """A ViT over space and time: per-frame patch embeddings plus learned spatial and temporal positions.
@@ -170,11 +191,18 @@ class VideoViT(nn.Module):
     image is a one-frame clip (row 0). ``pooling: cls`` takes the CLS token, ``mean`` averages the patch
     tokens, both after a final LayerNorm. Gradient checkpointing (one checkpoint per block) is switched
     on by ``gradient_checkpointing_enable()``, which ``build_encoder`` calls.
+
+    ``encode_tokens(pixels, keep)`` is the masked form: with ``keep`` (a tube mask's kept patches) only
+    the visible patches are embedded and encoded (MAC, VideoMAE: the cost falls with the mask ratio);
+    with ``mask_token=True`` the masked patches are replaced by a learned mask token and every position
+    is encoded (the SimMIM/BEiT form, the baseline the benchmark compares against).
     """
 
     poolings = ("cls", "mean")
+    supports_masking = True
 
-    def __init__(self, cfg: EncoderConfig, *, image_size: int, num_frames: int = 1, **_: Any):
+    def __init__(self, cfg: EncoderConfig, *, image_size: int, num_frames: int = 1,
+                 mask_token: bool = False, **_: Any):
         super().__init__()
         check_pooling(type(self), cfg)
         if cfg.pretrained_path:
@@ -196,27 +224,52 @@ class VideoViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, s.hidden_size))
         self.space_pos = nn.Parameter(torch.zeros(1, 1, patches, s.hidden_size))
         self.time_pos = nn.Parameter(torch.zeros(1, num_frames, 1, s.hidden_size))
+        # built only when asked for: a parameter that gets no gradient stalls DDP
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, s.hidden_size)) if mask_token else None
         self.embed_drop = nn.Dropout(s.dropout)
         block = JointBlock if s.attention == "joint" else DividedBlock
         self.blocks = nn.ModuleList(block(s) for _ in range(s.num_hidden_layers))
         self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
         self.apply(_init_weights)
-        for p in (self.cls_token, self.space_pos):
-            nn.init.trunc_normal_(p, std=0.02)
+        for p in (self.cls_token, self.space_pos, self.mask_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
         nn.init.trunc_normal_(self.time_pos, std=s.temporal_init_std)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.gradient_checkpointing = True
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+    @property
+    def patches(self) -> int:
+        return self.space_pos.shape[2]
+
+    def encode_tokens(self, pixels: torch.Tensor, keep: torch.Tensor | None = None,
+                      mask_tokens: bool = False) -> VisionTokens:
+        """Tokens of images or clips; ``keep`` ``(B, K)`` masks all other patches (see the class doc).
+
+        ``mask_tokens=False``: only the kept patches are encoded; True: the others become the mask
+        token (the tower must be built with ``mask_token=True``).
+        """
         video = as_video(pixels)
         b, frames = video.shape[:2]
         if frames > self.num_frames:
             raise ConfigError(f"pixels have {frames} frames but encoder 'video_vit' was built for "
                               f"model.num_frames={self.num_frames}")
         x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, D)
-        x = x.view(b, frames, -1, self.width) + self.space_pos + self.time_pos[:, :frames]
+        x = x.view(b, frames, -1, self.width)
+        masked = None
+        if keep is not None:
+            masked = keep_to_mask(keep, self.patches)
+            if mask_tokens:
+                if self.mask_token is None:
+                    raise ConfigError("video_vit was built without a mask token (masking.vision.encode: "
+                                      "mask_token builds one)")
+                x = torch.where(masked[:, None, :, None], self.mask_token.to(x.dtype), x)
+        x = x + self.space_pos + self.time_pos[:, :frames]
+        if keep is not None and not mask_tokens:
+            index = keep[:, None, :, None].expand(b, frames, keep.shape[1], self.width)
+            x = x.gather(2, index)  # visible patches only: (B, T, K, D)
         x = torch.cat([self.cls_token.expand(b, 1, self.width), x.flatten(1, 2)], dim=1)
         x = self.embed_drop(x)
         for block in self.blocks:
@@ -225,7 +278,15 @@ class VideoViT(nn.Module):
             else:
                 x = block(x, frames)
         x = self.norm(x)
-        return x[:, 0] if self.pooling == "cls" else x[:, 1:].mean(dim=1)
+        return VisionTokens(x, frames, self.patches, self.settings.patch_size, self.pool(x),
+                            keep=None if mask_tokens else keep, masked=masked)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 + L, D)`` tokens -> ``(B, D)`` features by the configured pooling."""
+        return tokens[:, 0] if self.pooling == "cls" else tokens[:, 1:].mean(dim=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens(pixels).pooled
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -284,7 +345,27 @@ class VideoMAEEncoder(nn.Module):
         self.fc_norm = (nn.LayerNorm(hf.hidden_size, eps=hf.layer_norm_eps)
                         if self.videomae.layernorm is None else None)
 
+    def encode_tokens(self, pixels: torch.Tensor, keep=None, mask_tokens: bool = False) -> VisionTokens:
+        """``VisionTokens``: the pooled feature as the leading token, then the tubelet tokens (one
+        "frame" per tubelet)."""
+        if keep is not None:
+            raise ConfigError("encoder 'videomae' cannot encode masked patches here: use 'video_vit'")
+        hidden = self._hidden(pixels)
+        pooled = self._pool_hidden(hidden)
+        patch = self.videomae.config.patch_size
+        patches = (self.videomae.config.image_size // patch) ** 2
+        return VisionTokens(torch.cat([pooled[:, None], hidden], dim=1), hidden.shape[1] // patches,
+                            patches, patch, pooled)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._pool_hidden(self._hidden(pixels))
+
+    def _pool_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.videomae.layernorm is not None:
+            return self.videomae.layernorm(hidden).mean(dim=1)
+        return self.fc_norm(hidden.mean(dim=1))
+
+    def _hidden(self, pixels: torch.Tensor) -> torch.Tensor:
         video = as_video(pixels)
         frames = video.shape[1]
         if frames == 1:
@@ -297,7 +378,4 @@ class VideoMAEEncoder(nn.Module):
         # the model adds all num_frames positions; a shorter clip takes the leading ones
         positions = embeddings.position_embeddings[:, :tokens.shape[1]]
         tokens = tokens + positions.to(device=tokens.device, dtype=tokens.dtype)
-        hidden = self.videomae.encoder(tokens).last_hidden_state
-        if self.videomae.layernorm is not None:
-            return self.videomae.layernorm(hidden).mean(dim=1)
-        return self.fc_norm(hidden.mean(dim=1))
+        return self.videomae.encoder(tokens).last_hidden_state

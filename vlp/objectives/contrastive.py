@@ -26,7 +26,8 @@ class ContrastiveObjective(Objective):
         super().__init__(cfg)
         self.loss = build_contrastive_loss(cfg.loss, local_world_size=local_world_size)
 
-    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+                model=None) -> ObjectiveOutput:
         bias = outputs.get("logit_bias")
         if self.cfg.loss.mode == "sigmoid" and bias is None:
             raise ConfigError("the sigmoid loss needs a learnable bias: set model.init_logit_bias "

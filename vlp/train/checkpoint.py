@@ -1,6 +1,7 @@
 """Training checkpoints: one folder that holds everything to resume, or to evaluate, a run.
 
-    model.pt       the unwrapped model's state dict
+    model.pt       the unwrapped model's state dict (the DualEncoder: what ``vlp eval`` loads)
+    objectives.pt  the objectives' own heads (decoders, fusion-side heads), when they have any
     optimizer.pt   AdamW state
     state.json     step, epoch, samples seen (in total and in the current epoch), MLflow run id
     config.json    the full experiment config
@@ -31,9 +32,17 @@ class TrainState:
     world_size: int = 0
 
 
+def _parts(module) -> dict:
+    """``{file: module}``: a PretrainingModel splits into its model and its objectives' heads."""
+    if hasattr(module, "objectives") and hasattr(module, "model"):
+        return {"model.pt": module.model, "objectives.pt": module.objectives}
+    return {"model.pt": module}
+
+
 def save_checkpoint(folder: str, model, optimizer, state: TrainState, config, tokenizer_dir: str) -> str:
     os.makedirs(folder, exist_ok=True)
-    torch.save(model.state_dict(), os.path.join(folder, "model.pt"))
+    for name, part in _parts(model).items():
+        torch.save(part.state_dict(), os.path.join(folder, name))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), os.path.join(folder, "optimizer.pt"))
     with open(os.path.join(folder, "state.json"), "w") as f:
@@ -51,7 +60,10 @@ def load_state(folder: str) -> TrainState:
 
 
 def load_checkpoint(folder: str, model, optimizer) -> TrainState:
-    model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu"))
+    for name, part in _parts(model).items():
+        path = os.path.join(folder, name)
+        if os.path.exists(path) or name == "model.pt":
+            part.load_state_dict(torch.load(path, map_location="cpu"))
     opt_path = os.path.join(folder, "optimizer.pt")
     if optimizer is not None and os.path.exists(opt_path):
         optimizer.load_state_dict(torch.load(opt_path, map_location="cpu"))
@@ -60,9 +72,16 @@ def load_checkpoint(folder: str, model, optimizer) -> TrainState:
 
 def load_trained_model(folder: str, device: str | torch.device = "cpu"):
     """A checkpoint folder -> (model in eval mode, tokenizer, TrainConfig), for ``vlp eval``."""
+    pretraining, tokenizer, config = load_trained_pretraining(folder, device)
+    return pretraining.model, tokenizer, config
+
+
+def load_trained_pretraining(folder: str, device: str | torch.device = "cpu"):
+    """A checkpoint folder -> (PretrainingModel in eval mode, with the objectives' heads; tokenizer;
+    TrainConfig): what the evaluations of the heads (captioning, masked-word QA) need."""
     from vlp.config import ConfigError
     from vlp.data.tokenizer import load_tokenizer
-    from vlp.models import DualEncoder
+    from vlp.objectives.pretraining import build_pretraining
     from vlp.train.config import TrainConfig
 
     if not os.path.isfile(os.path.join(folder, "model.pt")):
@@ -70,6 +89,6 @@ def load_trained_model(folder: str, device: str | torch.device = "cpu"):
     with open(os.path.join(folder, "config.json")) as f:
         config = from_dict(TrainConfig, json.load(f))
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-    model = DualEncoder(config.model, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu"))
-    return model.to(device).eval(), tokenizer, config
+    pretraining = build_pretraining(config, tokenizer)
+    load_checkpoint(folder, pretraining, None)
+    return pretraining.to(device).eval(), tokenizer, config

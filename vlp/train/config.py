@@ -13,6 +13,7 @@ from vlp.config import ConfigError
 from vlp.data.storage import StorageConfig
 from vlp.eval.zero_shot import EvalConfig
 from vlp.models.config import DualEncoderConfig
+from vlp.objectives.pretraining import MaskingConfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class DataConfig:
     holdout_shards: int = 0
     classification: str = ""
     tokenizer: str = ""
+    # SNP-S3's significant words (``vlp significant-words``); empty: <train>/_significant_words.json.
+    # Read only when an objective or the text masking asks for them.
+    significant_words: str = ""
     batch_size: int = 64
     min_crop_scale: float = 0.8
     shuffle_buffer: int = 512
@@ -143,6 +147,7 @@ class TrainConfig:
     feature_accumulation: int = 1
     model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
     objectives: dict[str, Any] = field(default_factory=lambda: {"contrastive": {}})
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -152,8 +157,10 @@ class TrainConfig:
 
     def __post_init__(self):
         from vlp.objectives import parse_objectives
+        from vlp.objectives.pretraining import check_plan, plan_pass
 
-        parse_objectives(self.objectives)  # fail at load time, naming the key
+        # fail at load time, naming the key, rather than on the workers
+        check_plan(plan_pass(parse_objectives(self.objectives), self.masking), self.model, self.masking)
         if self.feature_accumulation < 1:
             raise ConfigError("feature_accumulation must be >= 1")
         if self.feature_accumulation > 1 and set(self.objectives) != {"contrastive"}:

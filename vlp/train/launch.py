@@ -15,9 +15,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from vlp.config import ConfigError, to_dict
-from vlp.data.storage import Storage, is_s3
+from vlp.data.storage import Storage, is_s3, join
 from vlp.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vlp.train.config import TrainConfig
+
+SIGNIFICANT_WORDS_FILE = "_significant_words.json"  # written by `vlp significant-words`
 from vlp.train.loop import EVAL_FILE, RunPlan, train_worker
 from vlp.train.tracking import finish_run, open_run, resolve_tracking_uri
 
@@ -37,6 +39,26 @@ class TrainResult:
     samples: int
     seconds: float
 
+
+
+def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
+    """The significant-word list when the objectives or the text masking read it, else None."""
+    from vlp.objectives import parse_objectives
+    from vlp.objectives.pretraining import plan_pass
+
+    if not plan_pass(parse_objectives(cfg.objectives), cfg.masking).needs_significant:
+        return None
+    from vlp.curation.significant_words import load_significant_words
+
+    path = cfg.data.significant_words or join(cfg.data.train, SIGNIFICANT_WORDS_FILE)
+    if not storage.exists(path):
+        raise ConfigError(f"the objectives need significant words and {path} does not exist: run "
+                          f"`vlp significant-words --shards {cfg.data.train}` (or set "
+                          "data.significant_words)")
+    words = load_significant_words(path, storage)
+    if not words:
+        raise ConfigError(f"{path} lists no significant words")
+    return words
 
 def _absolute(path: str) -> str:
     return path if not path or is_s3(path) else os.path.abspath(path)
@@ -72,6 +94,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     split = split_shards(cfg.data, storage)
     tokenizer_dir = resolve_tokenizer_path(cfg.data.tokenizer, cfg.data.train)
     tokenizer = load_tokenizer(tokenizer_dir, storage)  # fail here, not in every worker
+    significant = _significant_words(cfg, storage)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     started_ray = ensure_ray(cfg.scaling.ray_address)
     try:
@@ -97,7 +120,8 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
             dataset = build_train_dataset(split, cfg.data, image_size=cfg.model.image_size,
                                           max_text_length=cfg.model.max_text_length,
                                           tokenizer_dir=tokenizer_dir, storage=storage,
-                                          num_frames=cfg.model.num_frames)
+                                          num_frames=cfg.model.num_frames,
+                                          significant_words=significant)
         sc = cfg.scaling
         workers = (sc.min_workers, sc.num_workers) if sc.min_workers else sc.num_workers
         fs, root = storage.resolve(cfg.output_dir)

@@ -21,8 +21,7 @@ import torch
 
 from vlp.config import from_dict
 from vlp.data.transforms import cached_tokenizer, pixels_to_model
-from vlp.models import DualEncoder
-from vlp.objectives import build_objectives
+from vlp.objectives.pretraining import build_pretraining
 from vlp.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig
 from vlp.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
@@ -72,18 +71,18 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.tokenizer = cached_tokenizer(plan.tokenizer_dir)
-        self.model = DualEncoder(config.model, vocab_size=len(self.tokenizer),
-                                 pad_token_id=self.tokenizer.pad_token_id or 0)
-        self.objectives = build_objectives(config.objectives, local_world_size=local_world_size)
-        self.optimizer = build_optimizer(self.model, config.optim)
+        # the model and the objectives' own heads, as one module: what DDP wraps and checkpoints hold
+        self.pretraining = build_pretraining(config, self.tokenizer, local_world_size=local_world_size)
+        self.model = self.pretraining.model
+        self.optimizer = build_optimizer(self.pretraining, config.optim)
         self.state = TrainState(mlflow_run_id=plan.mlflow_run_id, world_size=world_size)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as folder:
-                previous = load_checkpoint(folder, self.model, self.optimizer)
+                previous = load_checkpoint(folder, self.pretraining, self.optimizer)
             self.state = TrainState(**{**previous.__dict__, "world_size": world_size,
                                        "mlflow_run_id": plan.mlflow_run_id})
-        self.ddp = ray.train.torch.prepare_model(self.model)  # DDP when world_size > 1
+        self.ddp = ray.train.torch.prepare_model(self.pretraining)  # DDP when world_size > 1
         self.peak_lr = scaled_lr(config.optim, world_size)
         self.global_batch = config.data.batch_size * world_size * self.micro_batches
         self.planned_samples = config.schedule.epochs * (plan.train_rows // self.global_batch) * self.global_batch
@@ -116,15 +115,16 @@ class Trainer:
                                            local_shuffle_buffer_size=data.shuffle_buffer or None,
                                            prefetch_batches=data.prefetch_batches,
                                            dtypes={"pixels": torch.uint8, "input_ids": torch.long,
-                                                   "attention_mask": torch.long})
+                                                   "attention_mask": torch.long,
+                                                   "significant": torch.long})
         for i, batch in enumerate(it):
             if i >= skip:
                 yield batch
 
     def _to_model(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"pixels": pixels_to_model(batch["pixels"].to(self.device, non_blocking=True)),
-                "input_ids": batch["input_ids"].to(self.device, non_blocking=True),
-                "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True)}
+        out = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        out["pixels"] = pixels_to_model(out["pixels"])
+        return out
 
     def _autocast(self):
         if self.bf16:
@@ -135,7 +135,7 @@ class Trainer:
     def _optimizer_step(self) -> float:
         grad_norm = 0.0
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.pretraining.parameters(),
                                                              self.cfg.optim.grad_clip))
         lr = lr_at(self.peak_lr, self.cfg.optim, self.state.step, self.state.samples / self.planned_samples)
         set_lr(self.optimizer, lr)
@@ -147,7 +147,7 @@ class Trainer:
     def run(self) -> None:
         sched = self.cfg.schedule
         step_fn = feature_cache_step if self.cfg.feature_accumulation > 1 else plain_step
-        ctx = StepContext(model=self.model, ddp=self.ddp, objectives=self.objectives,
+        ctx = StepContext(model=self.pretraining, ddp=self.ddp,
                           autocast=self._autocast, world_size=self.world_size)
         window = {"start": time.perf_counter(), "wait": 0.0, "samples": 0, "bytes": 0}
         status = "FAILED"
@@ -243,7 +243,7 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
-                save_checkpoint(tmp, self.model, self.optimizer, self.state, self.cfg,
+                save_checkpoint(tmp, self.pretraining, self.optimizer, self.state, self.cfg,
                                 self.tokenizer.name_or_path)
                 if final:
                     with open(os.path.join(tmp, EVAL_FILE), "w") as f:

@@ -37,7 +37,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue  # a locked tower
-        (no_decay if param.ndim < 2 or name.startswith("logit_") else decay).append(param)
+        leaf = name.rsplit(".", 1)[-1]
+        (no_decay if param.ndim < 2 or leaf.startswith("logit_") else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -35,25 +35,23 @@ class StepResult:
 
 @dataclass
 class StepContext:
-    model: nn.Module  # the unwrapped model
+    model: nn.Module  # the unwrapped PretrainingModel (model + objectives)
     ddp: nn.Module  # what runs the forward: DDP around ``model``, or ``model`` itself
-    objectives: dict[str, nn.Module]
     autocast: Callable[[], contextlib.AbstractContextManager]
     step: int = 0  # for error messages
     world_size: int = 1
 
 
-def objective_losses(objectives: dict, outputs: dict, batch: dict):
-    """The weighted sum of every objective's loss, the parts to log, and the objectives' outputs
-    (whose byte counters are complete only after backward)."""
-    total, parts, outs = None, {}, []
-    for name, objective in objectives.items():
-        out = objective(outputs, batch)
-        term = objective.cfg.weight * out.loss
+def weighted_total(objectives: dict, results: dict):
+    """The weighted sum of the objectives' losses and the parts to log (unweighted, detached)."""
+    total, parts = None, {}
+    for name, out in results.items():
+        term = objectives[name].cfg.weight * out.loss
         total = term if total is None else total + term
         parts[f"loss/{name}"] = out.loss.detach()
-        outs.append(out)
-    return total, parts, outs
+        for key, value in out.metrics.items():
+            parts[f"{name}/{key}"] = value
+    return total, parts
 
 
 def mean_loss_or_raise(ctx: StepContext, total: torch.Tensor, parts: dict) -> float:
@@ -84,11 +82,11 @@ def plain_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     for i, batch in enumerate(micro):
         with _sync_on_last(ctx, i, n):
             with ctx.autocast():
-                outputs = ctx.ddp(batch)
-                total, parts, outs = objective_losses(ctx.objectives, outputs, batch)
+                _, results = ctx.ddp(batch)
+                total, parts = weighted_total(ctx.model.objectives, results)
             loss += mean_loss_or_raise(ctx, total, parts) / n
             (total / n).backward()
-        sent += sum(o.bytes_sent for o in outs)
+        sent += sum(o.bytes_sent for o in results.values())
     return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent)
 
 
@@ -102,22 +100,24 @@ def feature_cache_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     with torch.no_grad(), ctx.autocast():
         for batch in micro:
             rng_states.append(torch.random.get_rng_state())
-            cached.append(ctx.model(batch))
+            cached.append(ctx.model(batch, encode_only=True))
     pool = {key: torch.cat([c[key] for c in cached]).float().requires_grad_() for key in FEATURE_KEYS}
     for key in SCALAR_KEYS:
         if key in cached[0]:
             pool[key] = cached[0][key].detach().float().requires_grad_()
-    total, parts, outs = objective_losses(ctx.objectives, pool, {})
+    objectives = ctx.model.objectives
+    results = {name: objective(pool, {}, ctx.model.model) for name, objective in objectives.items()}
+    total, parts = weighted_total(objectives, results)
     loss = mean_loss_or_raise(ctx, total, parts)
     total.backward()
-    sent = sum(o.bytes_sent for o in outs)
+    sent = sum(o.bytes_sent for o in results.values())
     sizes = [c[FEATURE_KEYS[0]].shape[0] for c in cached]
     grads = {key: pool[key].grad.split(sizes) for key in FEATURE_KEYS}
     for i, batch in enumerate(micro):
         with _sync_on_last(ctx, i, n):
             torch.random.set_rng_state(rng_states[i])  # the same dropout as the cached pass
             with ctx.autocast():
-                out = ctx.ddp(batch)
+                out = ctx.ddp(batch, encode_only=True)
             surrogate = sum((out[key].float() * grads[key][i]).sum() for key in FEATURE_KEYS)
             for key in SCALAR_KEYS:
                 if key in pool and pool[key].grad is not None:

@@ -8,6 +8,8 @@ against single-process references; this file only produces numbers, it asserts n
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import traceback
@@ -65,6 +67,11 @@ class TinyTowers(nn.Module):
                 self.log_scale.exp(), self.bias)
 
 
+NEGNCE = "negnce_"  # the prefix of the NegNCE scenarios
+NEGNCE_WEIGHT = 0.5
+NEGNCE_MARGIN = 0.1
+
+
 def loss_configs(world: int) -> dict[str, ContrastiveLossConfig]:
     """Every loss scenario run at this world size, by name."""
     configs = {
@@ -75,6 +82,10 @@ def loss_configs(world: int) -> dict[str, ContrastiveLossConfig]:
     for k in (1, 2, 4):
         if world % k == 0:
             configs[f"grouped_k{k}"] = ContrastiveLossConfig(mode="grouped", group_size=k)
+    # every softmax scenario again with NegNCE on (a margin > 0 exercises the cosine-to-logit step)
+    configs.update({NEGNCE + name: dataclasses.replace(config, negnce_weight=NEGNCE_WEIGHT,
+                                                       negnce_margin=NEGNCE_MARGIN)
+                    for name, config in configs.items() if config.mode != "sigmoid"})
     return configs
 
 

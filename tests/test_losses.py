@@ -5,20 +5,27 @@ world size for the whole module: tests/dist_workers.py computes every scenario, 
 Promises protected: every mode's value and feature gradients match its reference; grouped equals
 global when k = N and works in groups without rank 0; DDP-averaged parameter gradients equal the
 reference model's gradients; bytes sent match the documented formulas; single process works; bad
-configs fail with clear messages.
+configs fail with clear messages. NegNCE (the workers' ``negnce_*`` scenarios) keeps all of these
+promises in every softmax mode, sends nothing more, is plain InfoNCE at weight 0 and matches a hand-computed example.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import math
 import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests import dist_workers
 from tests.conftest import free_port
 from tests.dist_workers import (
+    NEGNCE,
+    NEGNCE_MARGIN,
+    NEGNCE_WEIGHT,
     BATCH,
     DIM,
     LOGIT_BIAS,
@@ -27,7 +34,6 @@ from tests.dist_workers import (
     collective_weights,
     make_features,
     make_tower_inputs,
-    run_loss_checks,
 )
 from vlp.config import ConfigError
 from vlp.distributed import CommCounter, gather_with_grad, rank_groups, ring_exchange
@@ -39,12 +45,13 @@ from vlp.losses import (
     reference_grouped_clip_loss,
     reference_sigmoid_loss,
 )
+from vlp.losses.contrastive import negnce_loss
+from vlp.losses.reference import reference_grouped_negnce_clip_loss, reference_negnce_clip_loss
 
 WORLD_SIZES = (2, 4)
 TOL = 1e-5
 FLOAT32 = 4
-
-
+SOFTMAX_MODES = ("global", "local", "grouped")
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error (elementwise would be dominated by entries near zero)."""
     actual, expected = actual.double(), expected.double()
@@ -58,7 +65,8 @@ def dist_results(tmp_path_factory) -> dict[int, list[dict]]:
     for world in WORLD_SIZES:
         outdir = str(tmp_path_factory.mktemp(f"dist{world}"))
         try:
-            mp.spawn(run_loss_checks, args=(world, free_port(), outdir), nprocs=world, join=True)
+            mp.spawn(dist_workers.run_loss_checks, args=(world, free_port(), outdir), nprocs=world,
+                     join=True)
         except (mp.ProcessRaisedException, mp.ProcessExitedException):
             errors = []
             for path in sorted(glob.glob(os.path.join(outdir, "*.error"))):
@@ -74,7 +82,16 @@ def dist_results(tmp_path_factory) -> dict[int, list[dict]]:
 # References on the concatenated batch
 
 
+def _num_groups(mode: str, world: int) -> int:
+    """Groups of a softmax scenario: 1 for global and local, N / k for grouped_k<k>."""
+    mode = mode.removeprefix(NEGNCE)
+    return 1 if mode in ("global", "local") else world // int(mode[len("grouped_k"):])
+
+
 def _reference(mode: str, world: int, images, texts, scale, bias):
+    if mode.startswith(NEGNCE):
+        return reference_grouped_negnce_clip_loss(images, texts, scale, NEGNCE_WEIGHT, NEGNCE_MARGIN,
+                                                  _num_groups(mode, world))
     if mode in ("global", "local"):
         return reference_clip_loss(images, texts, scale)
     if mode.startswith("grouped_k"):
@@ -95,7 +112,8 @@ def _reference_with_grads(mode: str, world: int) -> dict:
 
 
 def _modes(world: int) -> list[str]:
-    return ["global", "local", "sigmoid"] + [f"grouped_k{k}" for k in (1, 2, 4) if world % k == 0]
+    plain = ["global", "local", "sigmoid"] + [f"grouped_k{k}" for k in (1, 2, 4) if world % k == 0]
+    return plain + [NEGNCE + mode for mode in plain if mode != "sigmoid"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,6 +190,39 @@ def test_every_reduce_scatter_implementation_gives_the_same_gradients(dist_resul
             assert other["backward_bytes"] == default["backward_bytes"]
 
 
+def _hard_negatives_and_closest_call(images, texts, margin: float, num_groups: int):
+    """(hard negatives over both directions of every group, smallest |cosine - threshold|)."""
+    count, closest = 0, math.inf
+    for group_images, group_texts in zip(images.double().chunk(num_groups),
+                                         texts.double().chunk(num_groups)):
+        sims = group_images @ group_texts.T
+        off_diagonal = ~torch.eye(sims.shape[0], dtype=torch.bool)
+        for rows in (sims, sims.T):
+            above = rows - (rows.diagonal()[:, None] - margin)
+            count += int(((above > 0) & off_diagonal).sum())
+            closest = min(closest, above[off_diagonal].abs().min().item())
+    return count, closest
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_negnce_scenarios_have_hard_negatives_and_change_the_loss(dist_results, world):
+    """Guards the NegNCE checks above: there are hard negatives to find, none so close to the
+    threshold that float32 and float64 could pick differently, and the term changes the loss."""
+    torch.manual_seed(7)
+    towers = TinyTowers(with_bias=False).double()
+    tower_images, tower_texts, _, _ = towers(*(t.double() for t in make_tower_inputs(world)))
+    for mode in _modes(world):
+        if not mode.startswith(NEGNCE):
+            continue
+        for images, texts in (make_features(world), (tower_images.detach(), tower_texts.detach())):
+            count, closest = _hard_negatives_and_closest_call(images, texts, NEGNCE_MARGIN,
+                                                              _num_groups(mode, world))
+            assert count > 0 and closest > 1e-5, (mode, count, closest)
+        means = {m: torch.stack([r["losses"][m]["loss"] for r in dist_results[world]]).mean()
+                 for m in (mode, mode.removeprefix(NEGNCE))}
+        assert rel_err(means[mode], means[mode.removeprefix(NEGNCE)]) > 1e-3, mode
+
+
 # ------------------------------------------------------------------------------------------------
 # Distributed: raw collectives, including a group without global rank 0
 
@@ -209,6 +260,7 @@ def test_ring_exchange_passes_forward_and_returns_gradients(dist_results, world)
 def _expected_bytes(mode: str, world: int) -> tuple[int, int]:
     """(forward, backward) bytes one rank sends: the formulas in vlp/losses/contrastive.py."""
     chunk = BATCH * DIM * FLOAT32
+    mode = mode.removeprefix(NEGNCE)  # NegNCE works on the logits already built: nothing more sent
     if mode == "sigmoid":
         return (world - 1) * chunk, (world - 1) * chunk
     k = world if mode in ("global", "local") else int(mode[len("grouped_k"):])
@@ -297,6 +349,104 @@ def test_single_process_every_mode_equals_reference_and_sends_nothing(mode, batc
     assert out.bytes_sent == 0 and out.num_negatives == batch - 1
 
 
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_negnce_weight_zero_is_plain_infonce_exactly(mode):
+    images, texts = _features(7)
+    scale = torch.tensor(LOGIT_SCALE)
+    plain = build_contrastive_loss(ContrastiveLossConfig(mode=mode))(images, texts, scale)
+    off = build_contrastive_loss(ContrastiveLossConfig(mode=mode, negnce_margin=0.5))(
+        images, texts, scale)
+    assert torch.equal(off.loss, plain.loss)
+    assert plain.hard_negatives is None and off.hard_negatives is None
+
+
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+@pytest.mark.parametrize("margin", [0.0, 0.15, -0.05])
+def test_negnce_matches_reference_in_value_and_gradients(mode, margin):
+    """Single process: loss and the gradients of features and scale == autograd of the reference."""
+    weight = 0.7
+    loss_fn = build_contrastive_loss(ContrastiveLossConfig(mode=mode, negnce_weight=weight,
+                                                           negnce_margin=margin))
+    images, texts = _features(9)
+    scale = torch.tensor(LOGIT_SCALE, requires_grad=True)
+    count, closest = _hard_negatives_and_closest_call(images.detach(), texts.detach(), margin, 1)
+    assert count > 0 and closest > 1e-5, (count, closest)  # the check below has hard negatives
+    out = loss_fn(images, texts, scale, torch.tensor(LOGIT_BIAS))  # the bias must change nothing
+    out.loss.backward()
+    ref_images, ref_texts = (t.detach().double().requires_grad_(True) for t in (images, texts))
+    ref_scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True)
+    ref = reference_negnce_clip_loss(ref_images, ref_texts, ref_scale, weight, margin)
+    ref.backward()
+    assert rel_err(out.loss, ref) < TOL
+    assert rel_err(out.loss, reference_clip_loss(ref_images, ref_texts, ref_scale)) > 1e-3
+    for got, want in ((images.grad, ref_images.grad), (texts.grad, ref_texts.grad),
+                      (scale.grad, ref_scale.grad)):
+        assert rel_err(got, want) < TOL
+    assert out.hard_negatives.item() == pytest.approx(count / (2 * 9))
+
+
+def _hand_built_features():
+    """Images e0, e1, e2 and texts whose cosine matrix (image rows, text columns) is
+    ``[[0.6, 0, 0], [0.8, 1, 0], [0, 0, 1]]``: text 0 is closer to image 1 (0.8) than to its own image
+    (0.6), and image 1's positive (1.0) is 0.2 above its nearest negative (text 0, 0.8)."""
+    images = torch.eye(3)
+    texts = torch.tensor([[0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    return images.requires_grad_(True), texts.requires_grad_(True)
+
+
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+@pytest.mark.parametrize("margin, image_to_text, text_to_image, hard_per_row", [
+    # Margin 0: only text 0 -> image 1 is hard (0.8 > 0.6), one of 6 rows over both directions.
+    (0.0, 0.0, math.log1p(math.exp(10 * (0.8 - 0.6))) / 3, 1 / 6),
+    # Margin 0.25: image 1 -> text 0 becomes hard as well (0.8 > 1.0 - 0.25); text 0's 0 does not.
+    (0.25, math.log1p(math.exp(10 * (0.8 - 1.0))) / 3, math.log1p(math.exp(10 * (0.8 - 0.6))) / 3,
+     2 / 6),
+])
+def test_negnce_hand_built_3x3_example(mode, margin, image_to_text, text_to_image, hard_per_row):
+    """Known hard negatives, in one direction only at margin 0 (a transposed direction would miss it)."""
+    images, texts = _hand_built_features()
+    scale, weight = torch.tensor(10.0), 2.0
+    out = build_contrastive_loss(ContrastiveLossConfig(mode=mode, negnce_weight=weight,
+                                                       negnce_margin=margin))(images, texts, scale)
+    want = reference_clip_loss(images, texts, scale) + weight * (image_to_text + text_to_image) / 2
+    assert rel_err(out.loss, want) < TOL
+    assert out.hard_negatives.item() == pytest.approx(hard_per_row)
+    assert rel_err(reference_negnce_clip_loss(images, texts, scale, weight, margin), want) < TOL
+
+
+@pytest.mark.parametrize("mode", SOFTMAX_MODES)
+def test_negnce_margin_two_makes_every_negative_hard(mode):
+    """With every negative hard, NegNCE's denominator is InfoNCE's: loss == (1 + weight) x InfoNCE."""
+    weight = 0.5
+    images, texts = _features(7)
+    scale = torch.tensor(LOGIT_SCALE)
+    out = build_contrastive_loss(ContrastiveLossConfig(mode=mode, negnce_weight=weight,
+                                                       negnce_margin=2.0))(images, texts, scale)
+    assert rel_err(out.loss, (1 + weight) * reference_clip_loss(images, texts, scale)) < TOL
+    assert out.hard_negatives.item() == 6
+
+
+def test_negnce_gradient_flows_only_through_the_positive_and_the_hard_negatives():
+    logits = torch.tensor([[1.0, 2.0, 0.5, 0.9],
+                           [3.0, 1.0, 2.0, 2.5]], requires_grad=True)
+    labels = torch.tensor([0, 2])
+    term, hard = negnce_loss(logits, labels, logit_scale=1.0, margin=0.0)
+    term.backward()
+    selected = torch.tensor([[True, True, False, False], [True, False, True, True]])
+    assert (logits.grad[~selected] == 0).all() and (logits.grad[selected] != 0).all()
+    assert hard.item() == 1.5
+    want = (math.log1p(math.exp(2.0 - 1.0)) + math.log1p(math.exp(1.0) + math.exp(0.5))) / 2
+    assert term.item() == pytest.approx(want)
+
+
+def test_negnce_rows_without_hard_negatives_add_exactly_zero():
+    logits = torch.tensor([[5.0, 1.0, 2.0], [0.0, 4.0, -1.0]], requires_grad=True)
+    term, hard = negnce_loss(logits, torch.tensor([0, 1]), logit_scale=1.0, margin=0.0)
+    term.backward()
+    assert term.item() == 0.0 and hard.item() == 0.0
+    assert (logits.grad == 0).all()
+
+
 def test_single_process_collectives_are_identity():
     x = torch.randn(3, 4, requires_grad=True)
     counter = CommCounter()
@@ -344,6 +494,24 @@ def test_unknown_mode_lists_the_registered_ones():
 def test_bad_group_size_in_config_fails(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ContrastiveLossConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"negnce_weight": -0.1}, "negnce_weight must be >= 0"),
+    ({"negnce_weight": float("nan")}, "negnce_weight must be >= 0"),
+    ({"negnce_margin": 2.5}, r"negnce_margin must be in \[-1, 2\]"),
+    ({"negnce_margin": -1.5}, r"negnce_margin must be in \[-1, 2\]"),
+    ({"mode": "sigmoid", "negnce_weight": 0.5}, "needs a softmax mode.*not 'sigmoid'"),
+])
+def test_bad_negnce_config_fails(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ContrastiveLossConfig(**kwargs)
+
+
+def test_negnce_bounds_and_sigmoid_without_negnce_are_accepted():
+    ContrastiveLossConfig(mode="sigmoid", negnce_margin=0.3)  # weight 0: NegNCE is off
+    ContrastiveLossConfig(mode="local", negnce_weight=1.0, negnce_margin=-1.0)
+    ContrastiveLossConfig(mode="global", negnce_weight=1.0, negnce_margin=2.0)
 
 
 def test_grouped_group_size_must_divide_the_world_size_in_a_single_process():

@@ -10,11 +10,14 @@ from vlp.losses.contrastive import (
     LocalClipLoss,
     SigmoidContrastiveLoss,
     build_contrastive_loss,
+    negnce_loss,
     register_contrastive_loss,
 )
 from vlp.losses.reference import (
     reference_clip_loss,
     reference_grouped_clip_loss,
+    reference_grouped_negnce_clip_loss,
+    reference_negnce_clip_loss,
     reference_sigmoid_loss,
 )
 
@@ -28,8 +31,11 @@ __all__ = [
     "LocalClipLoss",
     "SigmoidContrastiveLoss",
     "build_contrastive_loss",
+    "negnce_loss",
     "reference_clip_loss",
     "reference_grouped_clip_loss",
+    "reference_grouped_negnce_clip_loss",
+    "reference_negnce_clip_loss",
     "reference_sigmoid_loss",
     "register_contrastive_loss",
 ]

@@ -39,15 +39,28 @@ mean loss. ``logit_scale`` and ``logit_bias`` are not gathered, so their per-ran
 the rank's own term, and DDP's average again gives the mean loss's gradient. A trainer must therefore
 *not* rescale contrastive gradients by the world size.
 
+NegNCE (DMAE's hard-negative-aware InfoNCE; ``negnce_weight > 0``, softmax strategies only): row i's
+hard negatives are the negatives j with ``logit_ij > logit_i,pos - negnce_margin * logit_scale`` (a
+similarity above the positive's minus a margin in cosine units; margin 0: the negatives the model
+ranks above the positive), selected by a mask computed without gradient. The row's term is
+``-log(exp(p_i) / (exp(p_i) + sum_{j hard} exp(logit_ij)))`` (0 with no hard negative), averaged over
+rows and over both directions like InfoNCE; the loss is ``InfoNCE + negnce_weight * NegNCE``. DMAE's
+code is not published: this is our reconstruction from the paper's description. One helper,
+:func:`negnce_loss`, applies it to the very logits each strategy already builds (``global``: the full
+``NB x NB``; ``local`` and ``grouped``: the rank's rows against its group's columns), so it adds no
+communication, and the values and gradient convention above hold unchanged
+(:func:`vlp.losses.reference.reference_negnce_clip_loss` is the single-process definition).
+
 A new strategy is a subclass of :class:`ContrastiveLoss` here (or in a new module of this package,
 imported from ``vlp/losses/__init__.py``) with ``@register_contrastive_loss("name")``; it sends
-tensors only through :mod:`vlp.distributed.collectives`.
+tensors only through :mod:`vlp.distributed.collectives`. A softmax strategy subclasses
+:class:`SoftmaxContrastiveLoss` and returns its ``softmax_terms``, which brings NegNCE along.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,10 +97,16 @@ class ContrastiveLossConfig:
         mode: a registered name: ``global``, ``local``, ``grouped`` or ``sigmoid``.
         group_size: ranks per group (``grouped`` only); must divide the world size. None means the
             ranks of one node, the ``local_world_size`` given to :func:`build_contrastive_loss`.
+        negnce_weight: weight of the NegNCE term added to InfoNCE (>= 0; 0 turns it off). Softmax
+            modes only (``global``, ``local``, ``grouped``).
+        negnce_margin: a negative is hard when its cosine similarity exceeds the positive's minus
+            this margin; in [-1, 2] (2 makes every negative hard).
     """
 
     mode: str = "grouped"
     group_size: int | None = None
+    negnce_weight: float = 0.0
+    negnce_margin: float = 0.0
 
     def __post_init__(self):
         if self.mode not in CONTRASTIVE_LOSSES:
@@ -97,6 +116,18 @@ class ContrastiveLossConfig:
                 raise ConfigError(f"loss.group_size applies to mode 'grouped' only, not {self.mode!r}")
             if self.group_size < 1:
                 raise ConfigError(f"loss.group_size must be >= 1, got {self.group_size}")
+        if not self.negnce_weight >= 0:  # also rejects NaN
+            raise ConfigError(f"loss.negnce_weight must be >= 0, got {self.negnce_weight}")
+        if not -1.0 <= self.negnce_margin <= 2.0:
+            raise ConfigError(f"loss.negnce_margin must be in [-1, 2] (cosine units), got "
+                              f"{self.negnce_margin}")
+        if self.negnce_weight > 0 and not issubclass(CONTRASTIVE_LOSSES.get(self.mode),
+                                                     SoftmaxContrastiveLoss):
+            raise ConfigError(
+                f"loss.negnce_weight > 0 needs a softmax mode (global, local, grouped), not "
+                f"{self.mode!r}: NegNCE reweights the softmax denominator of InfoNCE, which the "
+                "pairwise sigmoid loss does not have"
+            )
 
 
 @dataclass
@@ -107,16 +138,27 @@ class ContrastiveOutput:
         loss: this rank's loss term (a scalar); the job's loss is the mean over ranks.
         num_negatives: negatives each sample is contrasted with.
         comm: bytes this rank sent for this call; backward traffic is added when ``backward()`` runs.
+        hard_negatives: NegNCE's hard negatives per row, the mean over this rank's rows of both
+            directions (a detached scalar, not synchronised); None when NegNCE is off.
     """
 
     loss: torch.Tensor
     num_negatives: int
     comm: CommCounter
+    hard_negatives: torch.Tensor | None = None
 
     @property
     def bytes_sent(self) -> int:
         """Bytes sent so far by this call: forward only until ``backward()``, then the whole step."""
         return self.comm.bytes_sent
+
+
+class ContrastiveTerms(NamedTuple):
+    """What :meth:`ContrastiveLoss.compute` returns (a plain ``(loss, num_negatives)`` tuple works too)."""
+
+    loss: torch.Tensor
+    num_negatives: int
+    hard_negatives: torch.Tensor | None = None
 
 
 class ContrastiveLoss(nn.Module):
@@ -176,14 +218,15 @@ class ContrastiveLoss(nn.Module):
                 f"{world_size()}: build the loss after init_process_group"
             )
         counter = CommCounter() if counter is None else counter
-        loss, num_negatives = self.compute(image_features, text_features, logit_scale, logit_bias,
-                                           counter)
-        return ContrastiveOutput(loss=loss, num_negatives=num_negatives, comm=counter)
+        terms = ContrastiveTerms(*self.compute(image_features, text_features, logit_scale,
+                                               logit_bias, counter))
+        return ContrastiveOutput(loss=terms.loss, num_negatives=terms.num_negatives, comm=counter,
+                                 hard_negatives=terms.hard_negatives)
 
     def compute(self, image_features: torch.Tensor, text_features: torch.Tensor,
                 logit_scale: torch.Tensor, logit_bias: torch.Tensor | None,
-                counter: CommCounter) -> tuple[torch.Tensor, int]:
-        """The strategy itself: (this rank's loss term, negatives per sample)."""
+                counter: CommCounter) -> ContrastiveTerms | tuple[torch.Tensor, int]:
+        """The strategy itself: (this rank's loss term, negatives per sample[, hard negatives])."""
         raise NotImplementedError
 
 
@@ -192,8 +235,70 @@ def _symmetric_cross_entropy(logits_per_image: torch.Tensor, logits_per_text: to
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def negnce_loss(logits: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor | float,
+                margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DMAE's NegNCE term over the rows of one logit matrix (our reconstruction; see the module doc).
+
+    Args:
+        logits: ``(R, C)`` scaled similarities (a constant bias does not change the result).
+        labels: ``(R,)`` column of each row's positive.
+        logit_scale: the scale in ``logits``, to turn ``margin`` from cosine into logit units.
+        margin: a negative is hard when its logit exceeds the positive's minus ``margin * logit_scale``.
+
+    Returns:
+        (mean over rows of ``-log(exp(p_i) / (exp(p_i) + sum_{j hard} exp(logit_ij)))``, exactly 0 for
+        a row without hard negatives; hard negatives per row, mean over rows, detached). The gradient
+        flows through the positive and the selected logits only, never through the selection.
+    """
+    positive_column = labels[:, None]
+    positives = logits.gather(1, positive_column)
+    with torch.no_grad():
+        hard = logits > positives - margin * logit_scale
+        hard.scatter_(1, positive_column, False)
+        kept = hard.scatter(1, positive_column, True)
+    # logsumexp over the positive and the hard negatives; a row with only its positive gives p_i - p_i.
+    per_row = torch.logsumexp(logits.masked_fill(~kept, float("-inf")), dim=1) - positives[:, 0]
+    return per_row.mean(), hard.sum(dim=1, dtype=torch.float32).mean()
+
+
+class SoftmaxContrastiveLoss(ContrastiveLoss):
+    """Base of the softmax (InfoNCE) strategies: symmetric cross entropy plus the optional NegNCE term.
+
+    A subclass builds its logits and labels and returns :meth:`softmax_terms` of them, so every softmax
+    strategy gets NegNCE on exactly the logits it already computes.
+
+    Attributes:
+        negnce_weight: weight of the NegNCE term (0: plain InfoNCE, the term is not computed).
+        negnce_margin: hard-negative margin in cosine units.
+    """
+
+    def __init__(self, group: ProcessGroup | None = None, *, negnce_weight: float = 0.0,
+                 negnce_margin: float = 0.0):
+        super().__init__(group)
+        self.negnce_weight = negnce_weight
+        self.negnce_margin = negnce_margin
+
+    @classmethod
+    def from_config(cls, config, *, local_world_size=None):
+        del local_world_size  # communicates in the default group
+        return cls(negnce_weight=config.negnce_weight, negnce_margin=config.negnce_margin)
+
+    def softmax_terms(self, logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
+                      labels: torch.Tensor, logit_scale: torch.Tensor,
+                      num_negatives: int) -> ContrastiveTerms:
+        """InfoNCE (+ ``negnce_weight`` x NegNCE) of both directions; rows labelled by ``labels``."""
+        loss = _symmetric_cross_entropy(logits_per_image, logits_per_text, labels)
+        if self.negnce_weight == 0:
+            return ContrastiveTerms(loss, num_negatives)
+        image_term, image_hard = negnce_loss(logits_per_image, labels, logit_scale,
+                                             self.negnce_margin)
+        text_term, text_hard = negnce_loss(logits_per_text, labels, logit_scale, self.negnce_margin)
+        loss = loss + self.negnce_weight * (image_term + text_term) / 2
+        return ContrastiveTerms(loss, num_negatives, (image_hard + text_hard) / 2)
+
+
 @register_contrastive_loss("global")
-class GlobalClipLoss(ContrastiveLoss):
+class GlobalClipLoss(SoftmaxContrastiveLoss):
     """CLIP as published: every rank gathers all features and computes the full ``NB x NB`` logits.
 
     Every rank's term is the whole job's loss; the baseline whose memory and compute grow with N^2.
@@ -206,11 +311,11 @@ class GlobalClipLoss(ContrastiveLoss):
         if logit_bias is not None:
             logits = logits + logit_bias
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return _symmetric_cross_entropy(logits, logits.T, labels), logits.shape[0] - 1
+        return self.softmax_terms(logits, logits.T, labels, logit_scale, logits.shape[0] - 1)
 
 
 @register_contrastive_loss("grouped")
-class GroupedContrastiveLoss(ContrastiveLoss):
+class GroupedContrastiveLoss(SoftmaxContrastiveLoss):
     """M2-Encoder's grouped aggregation: gather only inside a group of k ranks (by default a node).
 
     Each rank scores its B images against its group's kB texts and its B texts against the group's
@@ -218,8 +323,9 @@ class GroupedContrastiveLoss(ContrastiveLoss):
     the world size; with k equal to the world size this is exactly ``local``.
     """
 
-    def __init__(self, group: ProcessGroup | None = None):
-        super().__init__(group)
+    def __init__(self, group: ProcessGroup | None = None, *, negnce_weight: float = 0.0,
+                 negnce_margin: float = 0.0):
+        super().__init__(group, negnce_weight=negnce_weight, negnce_margin=negnce_margin)
         self.group_size = group_size(group)
 
     @classmethod
@@ -231,7 +337,8 @@ class GroupedContrastiveLoss(ContrastiveLoss):
                                  "ranks per node) to build_contrastive_loss")
             k = 1
         # Every rank builds every subgroup here (a collective); a bad k raises on all ranks alike.
-        return cls(new_rank_group(k))
+        return cls(new_rank_group(k), negnce_weight=config.negnce_weight,
+                   negnce_margin=config.negnce_margin)
 
     def compute(self, image_features, text_features, logit_scale, logit_bias, counter):
         batch = image_features.shape[0]
@@ -245,8 +352,8 @@ class GroupedContrastiveLoss(ContrastiveLoss):
         # My samples sit at my group-local rank's offset in the gathered columns.
         offset = group_rank(self.group) * batch
         labels = torch.arange(offset, offset + batch, device=image_features.device)
-        loss = _symmetric_cross_entropy(logits_per_image, logits_per_text, labels)
-        return loss, group_images.shape[0] - 1
+        return self.softmax_terms(logits_per_image, logits_per_text, labels, logit_scale,
+                                  group_images.shape[0] - 1)
 
 
 @register_contrastive_loss("local")
@@ -259,8 +366,8 @@ class LocalClipLoss(GroupedContrastiveLoss):
 
     @classmethod
     def from_config(cls, config, *, local_world_size=None):
-        del config, local_world_size
-        return cls()
+        del local_world_size  # one group of all ranks: the default group
+        return cls(negnce_weight=config.negnce_weight, negnce_margin=config.negnce_margin)
 
 
 @register_contrastive_loss("sigmoid")

@@ -43,6 +43,52 @@ def reference_grouped_clip_loss(image_features: torch.Tensor, text_features: tor
     return torch.stack(losses).mean()
 
 
+def reference_negnce_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                               logit_scale: torch.Tensor | float, weight: float,
+                               margin: float) -> torch.Tensor:
+    """CLIP's InfoNCE plus DMAE's NegNCE over the full ``(N, N)`` logit matrix (our reconstruction).
+
+    In each direction, row i's hard negatives are the columns ``j != i`` with
+    ``logit_ij > logit_ii - margin * logit_scale`` (chosen without gradient); the row's NegNCE term is
+    ``-log(exp(logit_ii) / (exp(logit_ii) + sum_{j hard} exp(logit_ij)))``, written here as
+    ``log(1 + sum_{j hard} exp(logit_ij - logit_ii))``. NegNCE is the mean over rows, averaged over the
+    two directions.
+
+    Returns:
+        ``reference_clip_loss + weight * NegNCE``.
+    """
+    logits = logit_scale * image_features @ text_features.T
+    negnce = (_reference_negnce_rows(logits, logit_scale, margin)
+              + _reference_negnce_rows(logits.T, logit_scale, margin)) / 2
+    return reference_clip_loss(image_features, text_features, logit_scale) + weight * negnce
+
+
+def reference_grouped_negnce_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                                       logit_scale: torch.Tensor | float, weight: float,
+                                       margin: float, num_groups: int) -> torch.Tensor:
+    """:func:`reference_negnce_clip_loss` inside each group, then the mean over groups.
+
+    Groups as in :func:`reference_grouped_clip_loss`: hard negatives are sought only among a sample's
+    own group. With one group this is :func:`reference_negnce_clip_loss`.
+    """
+    if image_features.shape[0] % num_groups:
+        raise ValueError(f"batch of {image_features.shape[0]} does not split into {num_groups} groups")
+    losses = [reference_negnce_clip_loss(i, t, logit_scale, weight, margin)
+              for i, t in zip(image_features.chunk(num_groups), text_features.chunk(num_groups))]
+    return torch.stack(losses).mean()
+
+
+def _reference_negnce_rows(logits: torch.Tensor, logit_scale: torch.Tensor | float,
+                           margin: float) -> torch.Tensor:
+    """Mean over the rows of a square logit matrix (positives on the diagonal) of NegNCE's term."""
+    positives = logits.diagonal()[:, None]
+    off_diagonal = ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    hard = (logits > positives - margin * logit_scale).detach() & off_diagonal
+    # Masked before exp, not after: exp of a far-off unselected entry may overflow, and inf * 0 is NaN.
+    excess = (logits - positives).masked_fill(~hard, float("-inf")).exp()
+    return torch.log1p(excess.sum(dim=1)).mean()
+
+
 def reference_sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                            logit_scale: torch.Tensor | float,
                            logit_bias: torch.Tensor | float) -> torch.Tensor:

@@ -34,5 +34,7 @@ class ContrastiveObjective(Objective):
                               "(SigLIP uses -10)")
         out = self.loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
                         logit_bias=bias)
-        return ObjectiveOutput(loss=out.loss, comm=out.comm,
-                               metrics={"negatives": float(out.num_negatives)})
+        metrics = {"negatives": float(out.num_negatives)}
+        if out.hard_negatives is not None:  # NegNCE: hard negatives per row (logged, never synced)
+            metrics["hard_negatives"] = out.hard_negatives
+        return ObjectiveOutput(loss=out.loss, comm=out.comm, metrics=metrics)

@@ -3,6 +3,7 @@
     vlp curate images|videos --input SRC --output DST [--config FILE] [--set key=value ...] [--resume]
     vlp sample-data --output DIR [--rows N] [--videos]
     vlp tokenizer --shards DIR [--vocab-size N] [--kind wordpiece|bpe]
+    vlp significant-words --shards DIR [--top-k N]
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
     vlp quickstart [--workdir DIR]
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
     tok.add_argument("--vocab-size", type=int, default=8000)
     tok.add_argument("--kind", choices=["wordpiece", "bpe"], default="wordpiece")
+    sig = sub.add_parser("significant-words", help="pick SNP-S3's significant words (nouns, verbs, "
+                         "adjectives) of curated captions (saved beside the shards)")
+    sig.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
+    sig.add_argument("--top-k", type=int, default=3000)
     train = sub.add_parser("train", help="pretrain a dual encoder on Ray Train")
     train.add_argument("--config", help="recipe YAML (see ray_configs/train_*.yaml)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -112,6 +117,19 @@ def _tokenizer(args) -> int:
     return 0
 
 
+def _significant_words(args) -> int:
+    from vlp.curation.significant_words import (SIGNIFICANT_WORDS_FILE, SignificantWordsConfig,
+                                                write_significant_words)
+
+    result = write_significant_words(args.shards, SignificantWordsConfig(top_k=args.top_k))
+    langs = result["by_language"]
+    print(f"{len(result['words']):,} significant words ({langs['en']:,} English, {langs['zh']:,} "
+          f"Chinese) from {result['meta']['captions']:,} captions saved in "
+          f"{args.shards}/{SIGNIFICANT_WORDS_FILE}")
+    print("top 20: " + ", ".join(f"{w} ({result['counts'][w]:,})" for w in result["words"][:20]))
+    return 0
+
+
 def _train(args) -> int:
     from vlp.train.config import TrainConfig
     from vlp.train.launch import format_train_summary, run_training
@@ -128,16 +146,16 @@ def _eval(args) -> int:
     from pipelines.train_data import read_manifest
     from vlp.data.storage import Storage
     from vlp.eval.zero_shot import evaluate
-    from vlp.train.checkpoint import load_trained_model
+    from vlp.train.checkpoint import load_trained_pretraining
 
-    model, tokenizer, config = load_trained_model(args.checkpoint)
+    pretraining, tokenizer, config = load_trained_pretraining(args.checkpoint)
     storage = Storage(config.data.storage)
     files = [path for path, _ in read_manifest(args.data, storage)[1]] if args.data else []
     if not files and not args.classification:
         raise ConfigError("nothing to evaluate on: give --data (held-out shards) and/or "
                           "--classification (a labelled folder)")
-    metrics = evaluate(model, tokenizer, config.eval, retrieval_files=files,
-                       classification=args.classification, storage=storage)
+    metrics = evaluate(pretraining.model, tokenizer, config.eval, retrieval_files=files,
+                       classification=args.classification, storage=storage, pretraining=pretraining)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"  {key:<{width}}  {value:.2f}")
@@ -216,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlp.train.launch import TrainingError
 
     handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
-                "tokenizer": _tokenizer, "train": _train, "eval": _eval}
+                "tokenizer": _tokenizer, "significant-words": _significant_words, "train": _train,
+                "eval": _eval}
     try:
         return handlers[args.command](args)
     except (ConfigError, CurationError, InputError, TrainingError) as e:

@@ -84,7 +84,7 @@ def tokenizer_version(folder: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def _read_captions(shards: str, storage: Storage) -> Iterable[str]:
+def read_captions(shards: str, storage: Storage) -> Iterable[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -102,7 +102,7 @@ def train_tokenizer_for_shards(shards: str, config: TokenizerConfig = TokenizerC
                                storage: Storage | None = None) -> dict:
     """Train on the captions of a shard folder and save ``<shards>/_tokenizer/``; returns meta."""
     storage = storage or Storage()
-    captions = list(_read_captions(shards, storage))
+    captions = list(read_captions(shards, storage))
     if not captions:
         raise ConfigError(f"no captions in {shards} to train a tokenizer on")
     tok = train_tokenizer(captions, config)

@@ -8,6 +8,10 @@ shuffle test): ``retrieval_shuffled/*``, ``temporal/mean_recall_gap`` and ``temp
 (ordered minus shuffled) tell whether the model uses the order of frames at all. Classification runs
 on a labelled folder (``data.parquet`` with ``image`` and ``label``, ``classes.json`` with the class
 names per language), with English and Chinese prompt templates.
+
+Given the whole ``PretrainingModel`` (``pretraining=``), ``evaluate`` also measures what its heads
+learned on the same held-out pairs: masked-word video question answering (LAVENDER; ``qa/*``) when it
+trains a conditioned ``mlm``, and caption metrics (``caption/*``) when it trains ``captioning``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class EvalConfig:
     })
     batch_size: int = 256
     max_rows: int = 5000  # held-out pairs used for retrieval (the first ones, in shard order)
+    video_qa: bool = True  # masked-word QA, when the run trains a conditioned mlm head
+    captions: bool = True  # caption metrics, when the run trains a captioning head
+    caption_beam_size: int = 3
+    caption_max_items: int = 200
 
     def __post_init__(self):
         if not self.ks or min(self.ks) < 1:
@@ -171,23 +179,48 @@ def evaluate_classification(model, tokenizer, folder: str, cfg: EvalConfig, devi
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
-             classification: str | None, storage: Storage, device=None) -> dict[str, float]:
-    """All zero-shot metrics of ``model`` (an unwrapped ``DualEncoder``), in eval mode."""
+             classification: str | None, storage: Storage, device=None,
+             pretraining=None) -> dict[str, float]:
+    """All zero-shot metrics of ``model`` (an unwrapped ``DualEncoder``), in eval mode; with
+    ``pretraining`` (the ``PretrainingModel`` around it) also its heads' metrics."""
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    owner = pretraining if pretraining is not None else model
+    was_training = owner.training
+    owner.eval()
     try:
         metrics: dict[str, float] = {}
         if retrieval_files:
             pairs = load_pairs(retrieval_files, storage, cfg.max_rows,
                                frames=getattr(model.cfg, "num_frames", 1) > 1)
             metrics.update(evaluate_retrieval(model, tokenizer, pairs, cfg, device))
+            if pretraining is not None:
+                metrics.update(evaluate_heads(pretraining, tokenizer, pairs, cfg, device))
         if classification:
             metrics.update(evaluate_classification(model, tokenizer, classification, cfg, device,
                                                    storage))
         return metrics
     finally:
-        model.train(was_training)
+        owner.train(was_training)
+
+
+def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, device) -> dict[str, float]:
+    """The generative and masked-word heads' metrics on held-out pairs (those the run trains)."""
+    mcfg = pretraining.model.cfg
+    common = dict(image_size=mcfg.image_size, num_frames=mcfg.num_frames,
+                  max_text_length=mcfg.max_text_length, batch_size=min(cfg.batch_size, 64),
+                  device=device)
+    metrics: dict[str, float] = {}
+    objectives = pretraining.objectives
+    if cfg.video_qa and "mlm" in objectives and objectives["mlm"].cfg.conditioned:
+        from vlp.eval.video_qa import evaluate_video_qa
+
+        metrics.update(evaluate_video_qa(pretraining, tokenizer, pairs, **common))
+    if cfg.captions and "captioning" in objectives:
+        from vlp.eval.captioning import evaluate_captioning
+
+        metrics.update(evaluate_captioning(pretraining, tokenizer, pairs, beam_size=cfg.caption_beam_size,
+                                           max_items=cfg.caption_max_items, **common))
+    return metrics
 
 
 def recall_bar_chart(metrics: dict[str, float], path: str, title: str = "zero-shot retrieval") -> str:

@@ -18,8 +18,6 @@ from vlp.config import ConfigError, to_dict
 from vlp.data.storage import Storage, is_s3, join
 from vlp.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from vlp.train.config import TrainConfig
-
-SIGNIFICANT_WORDS_FILE = "_significant_words.json"  # written by `vlp significant-words`
 from vlp.train.loop import EVAL_FILE, RunPlan, train_worker
 from vlp.train.tracking import finish_run, open_run, resolve_tracking_uri
 
@@ -48,7 +46,7 @@ def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
 
     if not plan_pass(parse_objectives(cfg.objectives), cfg.masking).needs_significant:
         return None
-    from vlp.curation.significant_words import load_significant_words
+    from vlp.curation.significant_words import SIGNIFICANT_WORDS_FILE, load_significant_words
 
     path = cfg.data.significant_words or join(cfg.data.train, SIGNIFICANT_WORDS_FILE)
     if not storage.exists(path):
@@ -211,7 +209,8 @@ def format_train_summary(result: TrainResult) -> str:
     for key in ("retrieval/i2t_R1", "retrieval/t2i_R1", "retrieval/i2t_R5", "retrieval/t2i_R5",
                 "retrieval/v2t_R1", "retrieval/t2v_R1", "retrieval/v2t_R5", "retrieval/t2v_R5",
                 "retrieval/mean_recall", "retrieval_shuffled/mean_recall", "temporal/mean_recall_gap",
-                "temporal/R1_gap", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1", "zeroshot_en/chance"):
+                "temporal/R1_gap", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1",
+                "zeroshot_en/chance", "qa/accuracy", "qa/chance", "caption/bleu4", "caption/cider"):
         if key in m:
             rows.append((key, f"{m[key]:.1f}"))
     rows += [("checkpoint", result.checkpoint), ("MLflow run", result.mlflow_run_id)]

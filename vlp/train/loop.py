@@ -222,7 +222,8 @@ class Trainer:
         metrics = evaluate(self.model, self.tokenizer, self.cfg.eval,
                            retrieval_files=self.plan.eval_files,
                            classification=self.plan.classification or None,
-                           storage=Storage(self.cfg.data.storage), device=self.device)
+                           storage=Storage(self.cfg.data.storage), device=self.device,
+                           pretraining=self.pretraining)
         self.log.metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
         if final:
             self.final_metrics = metrics
@@ -233,7 +234,8 @@ class Trainer:
                                       "plots")
         print(f"[train] eval at step {self.state.step}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in metrics.items()
-            if k.endswith(("mean_recall", "_R1", "top1", "gap")) and "chance" not in k), flush=True)
+            if k.endswith(("mean_recall", "_R1", "top1", "gap", "accuracy", "bleu4", "cider"))
+            and "chance" not in k), flush=True)
         return metrics
 
     def _checkpoint(self, metrics: dict, final: bool = False) -> None:

@@ -90,6 +90,20 @@ def plain_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent)
 
 
+def _rng_state():
+    """The CPU generator's state and, when CUDA is in use, every device's (dropout and masks are
+    drawn on the training device)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 FEATURE_KEYS = ("image_embeds", "text_embeds")
 SCALAR_KEYS = ("logit_scale", "logit_bias")
 
@@ -99,7 +113,7 @@ def feature_cache_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     rng_states, cached = [], []
     with torch.no_grad(), ctx.autocast():
         for batch in micro:
-            rng_states.append(torch.random.get_rng_state())
+            rng_states.append(_rng_state())
             cached.append(ctx.model(batch, encode_only=True))
     pool = {key: torch.cat([c[key] for c in cached]).float().requires_grad_() for key in FEATURE_KEYS}
     for key in SCALAR_KEYS:
@@ -115,7 +129,7 @@ def feature_cache_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     grads = {key: pool[key].grad.split(sizes) for key in FEATURE_KEYS}
     for i, batch in enumerate(micro):
         with _sync_on_last(ctx, i, n):
-            torch.random.set_rng_state(rng_states[i])  # the same dropout as the cached pass
+            _set_rng_state(rng_states[i])  # the same dropout and masks as the cached pass
             with ctx.autocast():
                 out = ctx.ddp(batch, encode_only=True)
             surrogate = sum((out[key].float() * grads[key][i]).sum() for key in FEATURE_KEYS)

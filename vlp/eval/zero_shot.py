@@ -180,9 +180,10 @@ def evaluate_classification(model, tokenizer, folder: str, cfg: EvalConfig, devi
 
 def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
              classification: str | None, storage: Storage, device=None,
-             pretraining=None) -> dict[str, float]:
+             pretraining=None, texts: dict[str, str] | None = None) -> dict[str, float]:
     """All zero-shot metrics of ``model`` (an unwrapped ``DualEncoder``), in eval mode; with
-    ``pretraining`` (the ``PretrainingModel`` around it) also its heads' metrics."""
+    ``pretraining`` (the ``PretrainingModel`` around it) also its heads' metrics (and their readable
+    examples into ``texts``)."""
     device = device or next(model.parameters()).device
     owner = pretraining if pretraining is not None else model
     was_training = owner.training
@@ -194,7 +195,7 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
                                frames=getattr(model.cfg, "num_frames", 1) > 1)
             metrics.update(evaluate_retrieval(model, tokenizer, pairs, cfg, device))
             if pretraining is not None:
-                metrics.update(evaluate_heads(pretraining, tokenizer, pairs, cfg, device))
+                metrics.update(evaluate_heads(pretraining, tokenizer, pairs, cfg, device, texts))
         if classification:
             metrics.update(evaluate_classification(model, tokenizer, classification, cfg, device,
                                                    storage))
@@ -203,8 +204,10 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
         owner.train(was_training)
 
 
-def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, device) -> dict[str, float]:
-    """The generative and masked-word heads' metrics on held-out pairs (those the run trains)."""
+def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, device,
+                   texts: dict[str, str] | None = None) -> dict[str, float]:
+    """The generative and masked-word heads' metrics on held-out pairs (those the run trains);
+    ``texts`` receives readable examples by file name (decoded captions next to their references)."""
     mcfg = pretraining.model.cfg
     common = dict(image_size=mcfg.image_size, num_frames=mcfg.num_frames,
                   max_text_length=mcfg.max_text_length, batch_size=min(cfg.batch_size, 64),
@@ -216,10 +219,13 @@ def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, devi
 
         metrics.update(evaluate_video_qa(pretraining, tokenizer, pairs, **common))
     if cfg.captions and "captioning" in objectives:
-        from vlp.eval.captioning import evaluate_captioning
+        from vlp.eval.captioning import decode_captions
 
-        metrics.update(evaluate_captioning(pretraining, tokenizer, pairs, beam_size=cfg.caption_beam_size,
-                                           max_items=cfg.caption_max_items, **common))
+        captions = decode_captions(pretraining, tokenizer, pairs, beam_size=cfg.caption_beam_size,
+                                   max_items=cfg.caption_max_items, **common)
+        metrics.update(captions.metrics())
+        if texts is not None:
+            texts["caption_examples.txt"] = captions.examples_text(20)
     return metrics
 
 

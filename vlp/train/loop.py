@@ -219,11 +219,12 @@ class Trainer:
         from vlp.data.storage import Storage
         from vlp.eval.zero_shot import evaluate, recall_bar_chart
 
+        texts: dict[str, str] = {}  # readable examples of the heads' output (decoded captions)
         metrics = evaluate(self.model, self.tokenizer, self.cfg.eval,
                            retrieval_files=self.plan.eval_files,
                            classification=self.plan.classification or None,
                            storage=Storage(self.cfg.data.storage), device=self.device,
-                           pretraining=self.pretraining)
+                           pretraining=self.pretraining, texts=texts)
         self.log.metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
         if final:
             self.final_metrics = metrics
@@ -232,6 +233,12 @@ class Trainer:
                 with tempfile.TemporaryDirectory() as tmp:
                     self.log.artifact(recall_bar_chart(metrics, os.path.join(tmp, "recall_at_k.png")),
                                       "plots")
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, text in texts.items():
+                    path = os.path.join(tmp, name)
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(text)
+                    self.log.artifact(path, "eval")
         print(f"[train] eval at step {self.state.step}: " + ", ".join(
             f"{k} {v:.1f}" for k, v in metrics.items()
             if k.endswith(("mean_recall", "_R1", "top1", "gap", "accuracy", "bleu4", "cider"))

@@ -1,7 +1,7 @@
 """Training objectives: a registry (``base.OBJECTIVES``); importing this package registers them all."""
 
 # importing each module registers its objective
-from vlp.objectives import captioning, contrastive, matching, mlm, word_matching  # noqa: F401
+from vlp.objectives import captioning, contrastive, mae, matching, mlm, word_matching  # noqa: F401
 from vlp.objectives.base import (OBJECTIVES, Objective, ObjectiveOutput, build_objectives,
                                  parse_objectives, register_objective)
 

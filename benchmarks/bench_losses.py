@@ -58,6 +58,8 @@ import zipfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.provenance import git_head  # noqa: E402
+
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -387,16 +389,6 @@ def markdown(results: dict[int, dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _git_head() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes)" if dirty else head
-
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -432,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
                     # Other tenants' load makes absolute times noisy; the interleaved ratios less so.
                     "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
                     "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
-        "code": _git_head(),
+        "code": git_head(),
         "peer": f"open_clip_torch {OPENCLIP_VERSION} loss.py",
         "config": {k: v for k, v in cfg.items() if k != "openclip_loss_py"},
         "results": {str(w): r for w, r in results.items()},

@@ -58,6 +58,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.provenance import cpu_model, git_head  # noqa: E402
+
 RESULTS = os.path.join(REPO, "benchmarks", "results", "masked_encoder.json")
 SPEEDUP_TARGET = 3.0  # the issue: visible-only at mask 0.9 at least 3x faster than unmasked
 TARGET_RATIO = 0.9
@@ -281,26 +283,6 @@ def markdown(rows: list[dict], target_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _git_head() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes)" if dirty else head
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -349,14 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "masked video encoder: visible-only vs mask tokens vs unmasked, one training step",
         "date": _dt.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "cpu_model": _cpu_model(), "platform": platform.platform(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
                                else "cpu"),
                     "threads_per_subprocess": args.threads,
                     "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
                     "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
-        "code": _git_head(),
+        "code": git_head(),
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out", "output")},
         "total_s": round(time.perf_counter() - start, 1),
         "results": rows,

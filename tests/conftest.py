@@ -184,3 +184,15 @@ def cli_env():
     temp = tempfile.mkdtemp(prefix="vlpcli-", dir="/tmp")
     yield dict(os.environ, RAY_TMPDIR=temp)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: a second thread only adds overhead there, and
+    on a loaded machine a spinning thread pool makes a step of milliseconds take hundreds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

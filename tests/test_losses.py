@@ -11,7 +11,6 @@ promises in every softmax mode, sends nothing more, is plain InfoNCE at weight 0
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os

@@ -16,14 +16,7 @@ from vlp.models.encoders import IMAGE_ENCODERS, build_encoder
 from vlp.models.masking import IGNORE_INDEX, keep_to_mask, kept_count, mask_text, tube_mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are so small that a second thread only adds overhead, and on
-    a loaded machine a spinning thread pool makes a step of milliseconds take hundreds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- tube masks ---------------------------------------------------------------------------------

@@ -33,14 +33,7 @@ CAPTIONS = list(COLOURS)
 OBJECTIVES = {"contrastive": {}, "captioning": {"decoder_layers": 2, "decoder_heads": 4}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are so small that a second thread only adds overhead, and on
-    a loaded machine a spinning thread pool makes a 4 ms step take hundreds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

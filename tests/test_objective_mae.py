@@ -27,14 +27,7 @@ PATCHES = (IMAGE // PATCH) ** 2
 CLS, SEP, PAD, MASK = 2, 3, 0, 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these models are so small that a second thread only adds overhead, and on
-    a loaded machine a spinning thread pool makes a step of milliseconds take hundreds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(fusion=None, mask_token=False, seed=0):

@@ -34,6 +34,8 @@ from vlp.objectives.matching import mine_negatives
 from vlp.objectives.pretraining import MaskingConfig, PretrainingModel
 from vlp.objectives.word_matching import mil_nce_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB, PAD, MASK, CLS, SEP = 60, 0, 1, 2, 3
 LENGTH, FRAMES, SIZE = 12, 2, 16
 # one layer of width 64 per tower: quick on 2 CPU cores, still learns to match in a few dozen steps

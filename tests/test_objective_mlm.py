@@ -14,6 +14,8 @@ from vlp.models.masking import IGNORE_INDEX, MaskedText
 from vlp.objectives import mlm as _mlm  # noqa: F401  (registers "mlm")
 from vlp.objectives.pretraining import MaskingConfig, PretrainingModel, TextMaskConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB, PAD, CLS, SEP, MASK = 40, 0, 2, 3, 4
 SPECIAL = [PAD, CLS, SEP]
 

@@ -17,6 +17,8 @@ from vlp.models import DualEncoder, DualEncoderConfig
 from vlp.objectives import OBJECTIVES, parse_objectives
 from vlp.objectives.pretraining import MaskingConfig, PretrainingModel, check_plan, plan_pass
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB, LENGTH = 60, 12
 SPECIAL = [0, 2, 3]  # [PAD], [CLS], [SEP]
 MASK_ID = 4

@@ -22,6 +22,8 @@ from vlp.models.config import DualEncoderConfig, EncoderConfig, FusionConfig
 from vlp.objectives import mlm as _mlm  # noqa: F401  (registers "mlm")
 from vlp.objectives.pretraining import MaskingConfig, PretrainingModel, TextMaskConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE, FRAMES, LENGTH = 16, 2, 16
 SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 # The word of each motion that the default vocabulary asks about (the first motion word in it).

@@ -197,7 +197,7 @@ class Trainer:
         metrics = {
             "loss/total": loss, **parts,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "temperature": 1.0 / float(self.model.scale()),
+            "temperature": 1.0 / float(self.model.scale().detach()),
             "grad_norm": grad_norm,
             "samples_per_second": window["samples"] / elapsed,
             "data_wait_fraction": window["wait"] / elapsed,

@@ -228,3 +228,24 @@ def test_mask_text_with_nothing_maskable_chooses_nothing():
     out = _mask(ids, attn, 0.5)
     assert (out.labels[0] == IGNORE_INDEX).all() and torch.equal(out.input_ids[0], ids[0])
     assert int((out.labels[1] != IGNORE_INDEX).sum()) == 2
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_visible_only_encoding_equals_embedding_every_patch_then_dropping_the_masked(attention):
+    """The visible-only path embeds only the kept patches; it must equal the plain convolution over
+    every patch followed by a gather of the kept positions (the embedding is per patch)."""
+    torch.manual_seed(0)
+    tower = build_encoder(IMAGE_ENCODERS, EncoderConfig(name="video_vit", options={"attention": attention}),
+                          image_size=32, num_frames=4).eval()
+    video = torch.randn(3, 4, 3, 32, 32)
+    keep = tube_mask(3, tower.patches, 0.75, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = tower.encode_tokens(video, keep).tokens
+        full = tower.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2).view(3, 4, -1, tower.width)
+        full = full + tower.space_pos + tower.time_pos[:, :4]
+        kept = full.gather(2, keep[:, None, :, None].expand(3, 4, keep.shape[1], tower.width))
+        x = torch.cat([tower.cls_token.expand(3, 1, tower.width), kept.flatten(1, 2)], dim=1)
+        for block in tower.blocks:
+            x = block(x, 4)
+        want = tower.norm(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

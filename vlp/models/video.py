@@ -256,20 +256,20 @@ class VideoViT(nn.Module):
         if frames > self.num_frames:
             raise ConfigError(f"pixels have {frames} frames but encoder 'video_vit' was built for "
                               f"model.num_frames={self.num_frames}")
-        x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, D)
-        x = x.view(b, frames, -1, self.width)
-        masked = None
-        if keep is not None:
-            masked = keep_to_mask(keep, self.patches)
-            if mask_tokens:
+        masked = None if keep is None else keep_to_mask(keep, self.patches)
+        if keep is not None and not mask_tokens:
+            # visible patches only: embed just those (the embedding is per patch, its stride its size)
+            x = self._embed_patches(video, keep) + self._gather(self.space_pos, keep) + \
+                self.time_pos[:, :frames]  # (B, T, K, D)
+        else:
+            x = self.patch_embed(video.flatten(0, 1)).flatten(2).transpose(1, 2)  # (B*T, N, D)
+            x = x.view(b, frames, -1, self.width)
+            if keep is not None:
                 if self.mask_token is None:
                     raise ConfigError("video_vit was built without a mask token (masking.vision.encode: "
                                       "mask_token builds one)")
                 x = torch.where(masked[:, None, :, None], self.mask_token.to(x.dtype), x)
-        x = x + self.space_pos + self.time_pos[:, :frames]
-        if keep is not None and not mask_tokens:
-            index = keep[:, None, :, None].expand(b, frames, keep.shape[1], self.width)
-            x = x.gather(2, index)  # visible patches only: (B, T, K, D)
+            x = x + self.space_pos + self.time_pos[:, :frames]
         x = torch.cat([self.cls_token.expand(b, 1, self.width), x.flatten(1, 2)], dim=1)
         x = self.embed_drop(x)
         for block in self.blocks:
@@ -280,6 +280,23 @@ class VideoViT(nn.Module):
         x = self.norm(x)
         return VisionTokens(x, frames, self.patches, self.settings.patch_size, self.pool(x),
                             keep=None if mask_tokens else keep, masked=masked)
+
+    def _embed_patches(self, video: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of the kept patches only: ``(B, T, 3, H, W)`` -> ``(B, T, K, D)``, equal
+        to the convolution's output at those positions (at a 90% mask it saves 90% of its FLOPs)."""
+        b, frames, channels, height, width = video.shape
+        p = self.settings.patch_size
+        patches = video.reshape(b, frames, channels, height // p, p, width // p, p)
+        patches = patches.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, frames, self.patches, -1)
+        index = keep[:, None, :, None].expand(b, frames, keep.shape[1], patches.shape[-1])
+        kept = patches.gather(2, index)  # (B, T, K, 3 * p * p), in the conv weight's (c, y, x) order
+        return F.linear(kept, self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+
+    @staticmethod
+    def _gather(table: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Rows ``keep`` of a ``(1, 1, N, D)`` position table -> ``(B, 1, K, D)``."""
+        index = keep[:, None, :, None].expand(keep.shape[0], 1, keep.shape[1], table.shape[-1])
+        return table.expand(keep.shape[0], -1, -1, -1).gather(2, index)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, 1 + L, D)`` tokens -> ``(B, D)`` features by the configured pooling."""

@@ -137,11 +137,11 @@ def read_shards(reads: pa.Table, *, storage: Storage, rows_per_batch: int, prepa
         left = read["rows"] if read["rows"] >= 0 else None
         with fs.open_input_file(path) as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch,
-                                                        columns=[pixels, "caption"]):
+                                                        columns=[pixels, "caption", "lang"]):
                 if left is not None:
                     if left <= 0:
                         break
                     batch, left = batch.slice(0, left), left - batch.num_rows
-                columns = {pixels: batch.column(pixels).to_numpy(zero_copy_only=False),
-                           "caption": batch.column("caption").to_numpy(zero_copy_only=False)}
+                columns = {name: batch.column(name).to_numpy(zero_copy_only=False)
+                           for name in (pixels, "caption", "lang")}
                 yield prepare_train_batch(columns, **prepare)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlp.config import ConfigError
 from vlp.data.tokenizer import TokenizerConfig, tokenize_captions, train_tokenizer
-from vlp.data.transforms import decode_media, pixels_to_model
+from vlp.data.transforms import LANGUAGE_CODES, decode_media, language_codes, pixels_to_model
 from vlp.eval.captioning import decode_captions, evaluate_captioning
 from vlp.eval.zero_shot import PairSet
 from vlp.models import DualEncoder, DualEncoderConfig, EncoderConfig
@@ -31,6 +31,9 @@ COLOURS = {
 }
 CAPTIONS = list(COLOURS)
 OBJECTIVES = {"contrastive": {}, "captioning": {"decoder_layers": 2, "decoder_heads": 4}}
+# one clip per colour, captioned once in each language
+BILINGUAL = {"a red apple on the table": "en", "桌上有一个红苹果": "zh",
+             "a blue car on the road": "en", "路上有一辆蓝色的车": "zh"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,7 +41,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    corpus = CAPTIONS + ["a cat on the mat", "the sky over the road", "an apple in the pond"]
+    corpus = CAPTIONS + ["a cat on the mat", "the sky over the road", "an apple in the pond",
+                         *BILINGUAL]
     return train_tokenizer(corpus, TokenizerConfig(vocab_size=120))
 
 
@@ -71,7 +75,8 @@ def _pretraining(tokenizer, objectives=OBJECTIVES, masking=MaskingConfig(), seed
 def _batch(tokenizer, pairs: PairSet) -> dict[str, torch.Tensor]:
     pixels = pixels_to_model(torch.from_numpy(decode_media(pairs.media, FRAMES, IMAGE_SIZE)))
     tokens = tokenize_captions(tokenizer, pairs.captions, MAX_LEN)
-    return {"pixels": pixels, **{k: torch.from_numpy(v) for k, v in tokens.items()}}
+    return {"pixels": pixels, "lang": torch.from_numpy(language_codes(pairs.langs)),
+            **{k: torch.from_numpy(v) for k, v in tokens.items()}}
 
 
 def _padded_batch(tokenizer):
@@ -132,7 +137,8 @@ def test_loss_is_teacher_forced_cross_entropy(tokenizer, smoothing):
     terms, hits = [], []
     for b in range(ids.shape[0]):
         for t in range(int(attn[b].sum()) - 1):  # predict token t + 1 from tokens 0..t
-            logp = cap.next_token_logits(vision[b:b + 1], ids[b:b + 1, :t + 1])[0].log_softmax(-1)
+            logp = cap.next_token_logits(vision[b:b + 1], ids[b:b + 1, :t + 1],
+                                         batch["lang"][b:b + 1])[0].log_softmax(-1)
             target = ids[b, t + 1]
             terms.append((1 - smoothing) * -logp[target] + smoothing * -logp.mean())
             hits.append(float(logp.argmax() == target))
@@ -216,6 +222,37 @@ def test_overfits_four_pairs_and_evaluates(tokenizer):
     assert metrics["caption/rouge_l"] == pytest.approx(100.0)
     assert metrics["caption/cider"] > 0 and metrics["caption/items"] == 4.0
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_the_language_prompt_chooses_the_language_of_the_caption(tokenizer):
+    """Each clip has an English and a Chinese caption: the image alone cannot say which to write.
+    Trained with the language prompt, the decoder writes the caption of the language asked for;
+    the evaluation asks for each reference's language."""
+    rgb = {"red": (220, 30, 30), "blue": (30, 40, 220)}
+    media = [[_jpeg(rgb[c]), _jpeg(rgb[c])] for c in ("red", "red", "blue", "blue")]
+    pairs = PairSet(media, list(BILINGUAL), list(BILINGUAL.values()), clips=True)
+    net = _pretraining(tokenizer).train()
+    batch = _batch(tokenizer, pairs)
+    optim = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(200):
+        _, results = net(batch)
+        loss = sum(net.objectives[name].cfg.weight * out.loss for name, out in results.items())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    decoded = decode_captions(net, tokenizer, pairs, image_size=IMAGE_SIZE, num_frames=FRAMES,
+                              max_text_length=MAX_LEN, batch_size=4, device="cpu", beam_size=1)
+    assert [h.replace(" ", "") for h in decoded.hypotheses] == [c.replace(" ", "") for c in BILINGUAL]
+    # asked for the other language, the same clips get the other captions
+    net.eval()
+    vision = net.model.encode_vision_tokens(batch["pixels"])
+    swapped = torch.tensor([LANGUAGE_CODES["zh"], LANGUAGE_CODES["en"]] * 2)
+    ids = net.objectives["captioning"].generate(vision, start_id=tokenizer.cls_token_id,
+                                                eos_id=tokenizer.sep_token_id, max_length=MAX_LEN,
+                                                lang=swapped)
+    texts = [t.replace(" ", "") for t in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+    assert texts == [c.replace(" ", "") for c in ("桌上有一个红苹果", "a red apple on the table",
+                                                  "路上有一辆蓝色的车", "a blue car on the road")]
 
 
 def test_evaluation_needs_a_captioning_objective(tokenizer):

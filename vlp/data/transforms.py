@@ -18,6 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+# Caption languages as model inputs (a captioner's language prompt): 0 for any other or unknown.
+LANGUAGE_CODES = {"en": 1, "zh": 2}
+
+
+def language_codes(langs) -> np.ndarray:
+    """Language tags (``en``, ``zh``, ...) -> int64 codes (``LANGUAGE_CODES``, 0 for the rest)."""
+    return np.array([LANGUAGE_CODES.get(str(lang), 0) for lang in langs], dtype=np.int64)
+
+
 # CLIP's pixel statistics: the convention of the pretrained towers a user may load.
 PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,8 +117,9 @@ def prepare_train_batch(batch: dict[str, np.ndarray], *, image_size: int, max_te
                         tokenizer_path: str, min_crop_scale: float = 1.0, augment: bool = True,
                         num_frames: int = 1,
                         significant_words: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Shard rows (``image`` bytes or video ``frames``, ``caption``) -> ``pixels``, ``input_ids``,
-    ``attention_mask``; pixels are ``(B, T, H, W, 3)`` when ``num_frames`` > 1. With
+    """Shard rows (``image`` bytes or video ``frames``, ``caption``, optional ``lang``) -> ``pixels``,
+    ``input_ids``, ``attention_mask`` (and ``lang`` codes); pixels are ``(B, T, H, W, 3)`` when
+    ``num_frames`` > 1. With
     ``significant_words`` also ``significant``: per token, 0 or the 1-based index of the significant
     word it belongs to (SNP-S3's masking and word matching read it)."""
     from vlp.data.tokenizer import tokenize_captions
@@ -120,6 +130,8 @@ def prepare_train_batch(batch: dict[str, np.ndarray], *, image_size: int, max_te
     captions = [str(c) for c in batch["caption"]]
     tokens = tokenize_captions(cached_tokenizer(tokenizer_path), captions, max_text_length,
                                offsets=significant_words is not None)
+    if "lang" in batch:
+        tokens["lang"] = language_codes(batch["lang"])
     if significant_words is not None:
         from vlp.curation.significant_words import significant_word_ids
 

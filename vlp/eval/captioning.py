@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlp.config import ConfigError
-from vlp.data.transforms import decode_media, pixels_to_model
+from vlp.data.transforms import decode_media, language_codes, pixels_to_model
 from vlp.eval.caption_metrics import caption_metrics
 from vlp.eval.zero_shot import PairSet
 
@@ -105,9 +105,11 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
         for i in range(0, len(media), batch_size):
             pixels = torch.from_numpy(decode_media(media[i:i + batch_size], num_frames, image_size))
             vision = pretraining.model.encode_vision_tokens(pixels_to_model(pixels.to(device)))
+            # each caption in its reference's language (the language prompt; ignored without one)
+            lang = torch.from_numpy(language_codes(pairs.langs[i:i + batch_size])).to(device)
             ids = objective.generate(vision.tokens, start_id=start_id, eos_id=eos_id,
                                      max_length=max_text_length, beam_size=beam_size,
-                                     length_penalty=length_penalty)
+                                     length_penalty=length_penalty, lang=lang)
             hypotheses += [t.strip() for t in tokenizer.batch_decode(ids.cpu().tolist(),
                                                                      skip_special_tokens=True)]
     finally:
@@ -117,10 +119,11 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
 
 def evaluate_captioning(pretraining, tokenizer, pairs: PairSet, *, image_size: int, num_frames: int,
                         max_text_length: int, batch_size: int, device, beam_size: int = 1,
-                        max_items: int = 200) -> dict[str, float]:
+                        length_penalty: float = 0.0, max_items: int = 200) -> dict[str, float]:
     """Caption metrics (``caption/...``, see ``CaptionResults.metrics``) of the captions decoded for
     the first ``max_items`` pairs; arguments as ``decode_captions``. Use ``decode_captions`` to get
     the examples from the same decoding."""
     return decode_captions(pretraining, tokenizer, pairs, image_size=image_size, num_frames=num_frames,
                            max_text_length=max_text_length, batch_size=batch_size, device=device,
-                           beam_size=beam_size, max_items=max_items).metrics()
+                           beam_size=beam_size, length_penalty=length_penalty,
+                           max_items=max_items).metrics()

@@ -46,6 +46,9 @@ class EvalConfig:
     video_qa: bool = True  # masked-word QA, when the run trains a conditioned mlm head
     captions: bool = True  # caption metrics, when the run trains a captioning head
     caption_beam_size: int = 3
+    # beam scores are divided by length ** this: at 0 (plain sums of log-probabilities) a beam that
+    # ends at once outscores every real caption of a barely trained model
+    caption_length_penalty: float = 1.0
     caption_max_items: int = 200
 
     def __post_init__(self):
@@ -222,6 +225,7 @@ def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, devi
         from vlp.eval.captioning import decode_captions
 
         captions = decode_captions(pretraining, tokenizer, pairs, beam_size=cfg.caption_beam_size,
+                                   length_penalty=cfg.caption_length_penalty,
                                    max_items=cfg.caption_max_items, **common)
         metrics.update(captions.metrics())
         if texts is not None:

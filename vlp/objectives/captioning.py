@@ -19,6 +19,11 @@ Captions are tokenized as ``[CLS] words [SEP] [PAD]...`` (the tokenizer's templa
 predicts ``input_ids[:, 1:]``; targets at padding are ignored. Because padding only ever follows the
 caption, causal attention alone keeps real positions from seeing it: no padding mask is needed.
 
+Bilingual captions: the image does not say which language to caption in, so with
+``language_prompt`` (the default) the decoder's start token gets a learned language embedding (the
+caption's ``lang``: en, zh, or other), and evaluation decodes in each reference's language, as a user
+would ask for a caption in Chinese. Without it a decoder trained on both languages mixes them.
+
 ``generate`` decodes captions for evaluation through ``vlp.models.decoding`` (greedy or beam search). It
 recomputes the whole prefix at every step (no key/value cache): captions are a few dozen tokens and
 the decoder a few layers, so that costs little next to the visual tower. Other decoders (an attentional
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.config import ConfigError
+from vlp.data.transforms import LANGUAGE_CODES
 from vlp.models.decoding import beam_search, greedy_decode
 from vlp.models.masking import IGNORE_INDEX
 from vlp.models.transformer import Stack, init_weights
@@ -57,6 +63,7 @@ class CaptioningObjective(Objective):
             decoder_width: 0 for the text tower's width.
             decoder_mlp_ratio: MLP width over decoder width.
             label_smoothing: of the cross-entropy (0: plain).
+            language_prompt: add a learned embedding of the caption's language to the start token.
         """
 
         weight: float = 2.0
@@ -65,6 +72,7 @@ class CaptioningObjective(Objective):
         decoder_width: int = 0
         decoder_mlp_ratio: float = 4.0
         label_smoothing: float = 0.0
+        language_prompt: bool = True
 
         def __post_init__(self):
             if self.decoder_layers < 1 or self.decoder_heads < 1 or self.decoder_width < 0:
@@ -92,30 +100,43 @@ class CaptioningObjective(Objective):
                              int(width * cfg.decoder_mlp_ratio), cross=True,
                              context_width=model.image_encoder.width)
         self.head = nn.Linear(width, model.vocab_size)
+        self.lang_embed = (nn.Embedding(len(LANGUAGE_CODES) + 1, width)
+                           if cfg.language_prompt else None)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     # ---- the decoder ----------------------------------------------------------------------------
-    def logits(self, vision_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, vision_tokens: torch.Tensor, input_ids: torch.Tensor,
+               lang: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits ``(B, t, vocab)`` at every position of ``input_ids`` ``(B, t)``, each
-        position seeing only itself and earlier tokens, plus all visual tokens ``(B, Lv, Dv)``."""
+        position seeing only itself and earlier tokens, plus all visual tokens ``(B, Lv, Dv)``;
+        ``lang`` ``(B,)``: language codes (``LANGUAGE_CODES``; None: unspecified)."""
         length = input_ids.shape[1]
         if length > self.max_length:
             raise ConfigError(f"caption prefix of {length} tokens exceeds model.max_text_length "
                               f"{self.max_length}")
         x = self.token_embed(input_ids) + self.pos_embed[:, :length]
+        if self.lang_embed is not None:
+            if lang is None:
+                lang = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+            prompt = torch.zeros_like(x)
+            prompt[:, 0] = self.lang_embed(lang).to(x.dtype)
+            x = x + prompt  # on the start token only
         return self.head(self.decoder(x, context=vision_tokens, causal=True))
 
-    def next_token_logits(self, vision_tokens: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    def next_token_logits(self, vision_tokens: torch.Tensor, prefix: torch.Tensor,
+                          lang: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``(N, vocab)`` of the token after each prefix ``(N, t)``, given visual tokens
         ``(N, Lv, Dv)`` (or ``VisionTokens``)."""
-        return self.logits(_tokens(vision_tokens), prefix)[:, -1]
+        return self.logits(_tokens(vision_tokens), prefix, lang)[:, -1]
 
     @torch.no_grad()
     def generate(self, vision_tokens: torch.Tensor, *, start_id: int, eos_id: int, max_length: int,
-                 beam_size: int = 1, length_penalty: float = 0.0) -> torch.Tensor:
-        """Captions for visual tokens ``(B, Lv, Dv)`` (or ``VisionTokens``): greedy when
-        ``beam_size`` is 1, else beam search (``length_penalty`` as in ``vlp.models.decoding``).
+                 beam_size: int = 1, length_penalty: float = 0.0,
+                 lang: torch.Tensor | None = None) -> torch.Tensor:
+        """Captions for visual tokens ``(B, Lv, Dv)`` (or ``VisionTokens``), in languages ``lang``
+        ``(B,)`` (codes; None: unspecified): greedy when ``beam_size`` is 1, else beam search
+        (``length_penalty`` as in ``vlp.models.decoding``).
 
         Returns:
             ``(B, T)`` token ids, ``T <= max_length``: ``start_id``, the caption, ``eos_id`` (absent when
@@ -127,19 +148,20 @@ class CaptioningObjective(Objective):
         tokens = _tokens(vision_tokens)
         start = torch.full((tokens.shape[0], 1), start_id, dtype=torch.long, device=tokens.device)
         if beam_size == 1:
-            return greedy_decode(lambda prefix: self.logits(tokens, prefix)[:, -1], start, eos_id,
-                                 max_length)
-        # beams of a sample are consecutive rows: repeat its visual tokens the same way
+            return greedy_decode(lambda prefix: self.logits(tokens, prefix, lang)[:, -1], start,
+                                 eos_id, max_length)
+        # beams of a sample are consecutive rows: repeat its visual tokens (and language) the same way
         beams = tokens.repeat_interleave(beam_size, dim=0)
-        sequences, _ = beam_search(lambda prefix: self.logits(beams, prefix)[:, -1], start, eos_id,
-                                   max_length, beam_size, length_penalty)
+        beam_lang = None if lang is None else lang.repeat_interleave(beam_size, dim=0)
+        sequences, _ = beam_search(lambda prefix: self.logits(beams, prefix, beam_lang)[:, -1], start,
+                                   eos_id, max_length, beam_size, length_penalty)
         return sequences
 
     # ---- the loss -------------------------------------------------------------------------------
     def forward(self, outputs: dict[str, Any], batch: dict[str, torch.Tensor],
                 model: nn.Module | None = None) -> ObjectiveOutput:
         ids, attn = batch["input_ids"], batch["attention_mask"]
-        logits = self.logits(outputs["vision"].tokens, ids[:, :-1])
+        logits = self.logits(outputs["vision"].tokens, ids[:, :-1], batch.get("lang"))
         targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, IGNORE_INDEX)
         # float32: a softmax over the vocabulary in bf16 loses the small probabilities
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),

@@ -116,7 +116,7 @@ class Trainer:
                                            prefetch_batches=data.prefetch_batches,
                                            dtypes={"pixels": torch.uint8, "input_ids": torch.long,
                                                    "attention_mask": torch.long,
-                                                   "significant": torch.long})
+                                                   "significant": torch.long, "lang": torch.long})
         for i, batch in enumerate(it):
             if i >= skip:
                 yield batch

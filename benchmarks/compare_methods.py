@@ -8,7 +8,8 @@ this machine, in one MLflow experiment (``vlp-methods`` in ``<data>/mlflow.db``;
 train on 600 generated image-text pairs (the last shard held out); video recipes on 480 generated
 clips of 2 colours x 2 shapes x 8 motions and are evaluated on 120 clips generated and curated apart
 (retrieval in order and with shuffled frames, and masked-word QA for the recipes with a conditioned
-MLM head). Results: a table on stdout and ``benchmarks/results/methods.json``.
+MLM head). Results: a table on stdout and ``benchmarks/results/methods.json`` (a run of some methods
+replaces their entries and keeps the others').
 """
 
 from __future__ import annotations
@@ -101,10 +102,16 @@ def main() -> None:
     for name, r in results.items():
         cells = " | ".join(str(r.get(k, "")) for k in COLUMNS)
         print(f"| {name} | {', '.join(r['objectives'])} | {r['steps']} | {r['seconds']:.0f} | {cells} |")
-    record = {"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()}, "
-              f"{os.cpu_count()} cores, {platform.python_version()}", "seed": args.seed, "results": results}
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(REPO, "benchmarks", "results", "methods.json"), "w") as f:
+    path = os.path.join(REPO, "benchmarks", "results", "methods.json")
+    record = {"results": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    stamp = {"date": _dt.date.today().isoformat(), "seed": args.seed, "machine": f"{platform.machine()}, "
+             f"{os.cpu_count()} cores, Python {platform.python_version()}"}
+    record["results"].update({name: {**r, **stamp} for name, r in results.items()})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(record, f, indent=2)
 
 

@@ -15,6 +15,7 @@ same held-out set, not with COCO's five-reference numbers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ from vlp.config import ConfigError
 from vlp.data.transforms import decode_media, language_codes, pixels_to_model
 from vlp.eval.caption_metrics import caption_metrics
 from vlp.eval.zero_shot import PairSet
+
+# WordPiece decodes Chinese as space-separated characters; written Chinese has no spaces (the metrics
+# split CJK characters apart anyway, so this only makes the examples read as written)
+_CJK_GAP = re.compile(r"(?<=[\u3400-\u9fff]) (?=[\u3400-\u9fff])")
 
 OBJECTIVE = "captioning"
 
@@ -110,8 +115,8 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
             ids = objective.generate(vision.tokens, start_id=start_id, eos_id=eos_id,
                                      max_length=max_text_length, beam_size=beam_size,
                                      length_penalty=length_penalty, lang=lang)
-            hypotheses += [t.strip() for t in tokenizer.batch_decode(ids.cpu().tolist(),
-                                                                     skip_special_tokens=True)]
+            hypotheses += [_CJK_GAP.sub("", t.strip()) for t in
+                           tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)]
     finally:
         pretraining.train(was_training)
     return CaptionResults(list(references), hypotheses)

@@ -255,6 +255,18 @@ def test_the_language_prompt_chooses_the_language_of_the_caption(tokenizer):
                                                   "路上有一辆蓝色的车", "a blue car on the road")]
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_evaluation_decodes_only_the_first_max_items(tokenizer, beam):
+    """``max_items`` below the number of pairs and a batch larger than it: every input of the decoder
+    (clips, languages) is cut to the same items (a CI run caught languages left uncut with beams)."""
+    net = _pretraining(tokenizer)
+    decoded = decode_captions(net, tokenizer, _pairs(), image_size=IMAGE_SIZE, num_frames=FRAMES,
+                              max_text_length=MAX_LEN, batch_size=8, device="cpu", beam_size=beam,
+                              max_items=2)
+    assert len(decoded.hypotheses) == len(decoded.references) == 2
+    assert decoded.references == CAPTIONS[:2]
+
+
 def test_evaluation_needs_a_captioning_objective(tokenizer):
     """A pretraining without the captioning objective has no decoder: a config error says so."""
     net = _pretraining(tokenizer, {"contrastive": {}})

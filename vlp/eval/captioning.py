@@ -103,6 +103,7 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
     if batch_size < 1 or beam_size < 1:
         raise ConfigError("captioning evaluation: batch_size and beam_size must be >= 1")
     media, references = pairs.media[:max_items], pairs.captions[:max_items]
+    langs = pairs.langs[:max_items]
     was_training = pretraining.training
     pretraining.eval()
     try:
@@ -111,7 +112,7 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
             pixels = torch.from_numpy(decode_media(media[i:i + batch_size], num_frames, image_size))
             vision = pretraining.model.encode_vision_tokens(pixels_to_model(pixels.to(device)))
             # each caption in its reference's language (the language prompt; ignored without one)
-            lang = torch.from_numpy(language_codes(pairs.langs[i:i + batch_size])).to(device)
+            lang = torch.from_numpy(language_codes(langs[i:i + batch_size])).to(device)
             ids = objective.generate(vision.tokens, start_id=start_id, eos_id=eos_id,
                                      max_length=max_text_length, beam_size=beam_size,
                                      length_penalty=length_penalty, lang=lang)

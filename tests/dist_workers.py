@@ -179,22 +179,33 @@ def _error_scenarios(world: int) -> dict:
     return messages
 
 
-def run_loss_checks(rank: int, world: int, port: int, outdir: str) -> None:
-    """Entry point of one spawned rank: run every scenario, save the results, leave the group."""
+def run_rank(rank: int, compute, world: int, port: int, outdir: str) -> None:
+    """Entry point of one spawned rank (``mp.spawn(run_rank, args=(compute, world, port, outdir))``):
+    join a gloo group on 127.0.0.1, save ``compute(rank, world)`` as ``rank<r>.pt`` (or the traceback
+    as ``rank<r>.error``), leave the group. ``compute`` must be a module-level function."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
-        results = {
-            "losses": _loss_scenarios(world, rank, local_world_size=None),
-            "collectives": _collective_scenarios(world, rank),
-            "ddp": _ddp_scenarios(world, rank),
-            "errors": _error_scenarios(world),
-        }
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(compute(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
     except Exception:
         with open(os.path.join(outdir, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
+
+
+def loss_results(rank: int, world: int) -> dict:
+    """Every loss, collective, DDP and error scenario of one rank."""
+    return {
+        "losses": _loss_scenarios(world, rank, local_world_size=None),
+        "collectives": _collective_scenarios(world, rank),
+        "ddp": _ddp_scenarios(world, rank),
+        "errors": _error_scenarios(world),
+    }
+
+
+def run_loss_checks(rank: int, world: int, port: int, outdir: str) -> None:
+    """Entry point of one spawned rank: run every scenario, save the results, leave the group."""
+    run_rank(rank, loss_results, world, port, outdir)

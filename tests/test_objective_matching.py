@@ -17,16 +17,14 @@ from __future__ import annotations
 import glob
 import math
 import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tests.conftest import free_port
+from tests.dist_workers import run_rank
 from vlp.models import DualEncoder, DualEncoderConfig, EncoderConfig
 from vlp.models.config import FusionConfig
 from vlp.objectives import matching  # importing registers "matching" (and below "word_matching")
@@ -329,26 +327,11 @@ def _dist_matching(rank: int, world: int) -> dict:
     }
 
 
-def run_matching_ranks(rank: int, world: int, port: int, outdir: str) -> None:
-    """Spawned entry point of one rank (the machinery of test_losses.py / tests/dist_workers.py)."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
-    try:
-        torch.save(_dist_matching(rank, world), os.path.join(outdir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(outdir, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     outdir = str(tmp_path_factory.mktemp("matching2"))
     try:
-        mp.spawn(run_matching_ranks, args=(2, free_port(), outdir), nprocs=2, join=True)
+        mp.spawn(run_rank, args=(_dist_matching, 2, free_port(), outdir), nprocs=2, join=True)
     except (mp.ProcessRaisedException, mp.ProcessExitedException):
         errors = "".join(open(p).read() for p in sorted(glob.glob(os.path.join(outdir, "*.error"))))
         pytest.fail(f"a rank failed\n{errors}")

@@ -156,7 +156,9 @@ def run_curation(src: str, output: str, config, *, media: str, processor, shard_
             "config": to_dict(config), "config_hash": fingerprint, "shards": [],
         }, indent=2, ensure_ascii=False).encode())
 
-    started_ray = ensure_ray(config.execution.ray_address)
+    # A curation-only run has no use for the dashboard; a run inside `vlp quickstart` joins the Ray the
+    # quickstart started (with its dashboard, which training needs).
+    started_ray = ensure_ray(config.execution.ray_address, dashboard=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = config.execution.progress_bars

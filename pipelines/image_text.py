@@ -18,6 +18,7 @@ from pipelines.sources import InputError
 from vlp.curation.config import CurationConfig
 from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher
 from vlp.curation.filters import build_filters
+from vlp.curation.image import limit_native_threads
 from vlp.curation.pair import PROCESSED_COLUMNS, PairSettings, curate_pair
 from vlp.curation.text import warm_up
 from vlp.data.schema import IMAGE_TEXT_SCHEMA
@@ -45,6 +46,7 @@ class ImageTextProcessor:
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
         slots = config.execution.decode_threads or max(1, round(config.execution.worker_cpus))
         self.cpu_gate = threading.BoundedSemaphore(slots)
+        limit_native_threads(max(1, round(config.execution.worker_cpus)))
         warm_up(config.text)
 
     def _one(self, raw: dict) -> dict:

@@ -41,13 +41,16 @@ def _loopback_node() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
-def ensure_ray(address: str = "") -> bool:
+def ensure_ray(address: str = "", dashboard: bool = True) -> bool:
     """Connect to Ray, or start the embedded one; True when this call started it (and must stop it).
 
     ``address`` wins; else ``RAY_ADDRESS`` (set for Ray job entrypoints); else a new local Ray in this
     process, never a cluster that happens to run on the machine (plain ``ray.init()`` would attach to
     the last ``ray start``). The local Ray listens on 127.0.0.1 only, its dashboard (Ray Train's
-    controller watchdog queries its state API) included.
+    controller watchdog queries its state API) included. ``dashboard=False`` starts the embedded Ray
+    without its dashboard (a curation-only run does not use it, and on a small machine its ten
+    processes cost start-up time and CPU that the workers need); it has no effect on an existing
+    cluster.
     """
     if ray.is_initialized():
         return False
@@ -55,7 +58,7 @@ def ensure_ray(address: str = "") -> bool:
     if address:
         kwargs["address"] = address
     elif not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        kwargs.update(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1")
         with _loopback_node():
             ray.init(**kwargs)
         return True

@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -49,6 +50,10 @@ class ImageConfig:
         max_pixels: images with more pixels are dropped as decompression bombs before decoding.
         draft: let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller.
         resample: resampling filter of the resize.
+        resizer: ``opencv`` (default): an antialiased resize built from OpenCV's SIMD kernels, a
+            Gaussian pre-filter matched to the scale factor and then ``resample`` interpolation; about
+            4x faster than Pillow's and within 2 dB PSNR of it on high-frequency content
+            (``benchmarks/README.md``). ``pillow``: Pillow's own convolution resize, the reference.
         upscale: enlarge images smaller than ``size``; if false they keep their size.
     """
 
@@ -59,6 +64,7 @@ class ImageConfig:
     max_pixels: int = 89_478_485
     draft: bool = True
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = "bicubic"
+    resizer: Literal["opencv", "pillow"] = "opencv"
     upscale: bool = True
 
     def __post_init__(self):
@@ -179,7 +185,7 @@ def decode_image(probed: ProbedImage, config: ImageConfig) -> Image.Image:
 
 def resize_image(im: Image.Image, config: ImageConfig) -> Image.Image:
     """Apply the configured resize mode to an RGB image."""
-    size, resample = config.size, _RESAMPLE[config.resample]
+    size = config.size
     w, h = im.size
     mode = config.resize_mode
     if mode == "none":
@@ -188,9 +194,15 @@ def resize_image(im: Image.Image, config: ImageConfig) -> Image.Image:
         side = min(w, h)
         if side < size and not config.upscale:
             size = side
+        if config.resizer == "opencv":
+            # Whole-pixel crop: the centre moves by at most half a source pixel.
+            left, top = (w - side) // 2, (h - side) // 2
+            crop = np.asarray(im)[top:top + side, left:left + side]
+            return Image.fromarray(opencv_resize(crop, size, size, config.resample))
         left, top = (w - side) / 2, (h - side) / 2
         # One resampling pass straight from the centre square of the source: no intermediate image.
-        return im.resize((size, size), resample, box=(left, top, left + side, top + side))
+        return im.resize((size, size), _RESAMPLE[config.resample],
+                         box=(left, top, left + side, top + side))
     if mode == "keep_ratio":
         scale = size / min(w, h)
     else:  # border
@@ -198,12 +210,62 @@ def resize_image(im: Image.Image, config: ImageConfig) -> Image.Image:
     if scale > 1 and not config.upscale:
         scale = 1.0
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
-    out = im.resize(new, resample) if new != (w, h) else im
+    if new == (w, h):
+        out = im
+    elif config.resizer == "opencv":
+        out = Image.fromarray(opencv_resize(np.asarray(im), new[0], new[1], config.resample))
+    else:
+        out = im.resize(new, _RESAMPLE[config.resample])
     if mode == "border":
         canvas = Image.new("RGB", (size, size), (0, 0, 0))
         canvas.paste(out, ((size - new[0]) // 2, (size - new[1]) // 2))
         return canvas
     return out
+
+
+_CV_INTERPOLATION = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "lanczos": cv2.INTER_LANCZOS4,
+    "box": cv2.INTER_AREA,
+}
+
+
+def _antialias_sigma(scale: float) -> float:
+    """Gaussian pre-filter for a downscale by ``scale`` (> 1) ahead of a fixed-support interpolator.
+
+    OpenCV's linear and cubic kernels keep their support when shrinking, so frequencies above the new
+    Nyquist limit alias. A Gaussian of this width adds what the interpolator lacks to act like a
+    kernel stretched by ``scale`` (variances add: 0.25 (scale^2 - 1)); the constant was chosen on
+    high-frequency test images against a full-resolution Lanczos reference.
+    """
+    return 0.5 * math.sqrt(scale * scale - 1.0)
+
+
+def opencv_resize(pixels: np.ndarray, width: int, height: int, resample: str = "bicubic") -> np.ndarray:
+    """Resize an HxWxC uint8 array to ``width`` x ``height``, antialiased when shrinking.
+
+    ``box`` is OpenCV's area averaging and ``nearest`` picks pixels; the others pre-filter each
+    shrinking axis with a Gaussian, then interpolate.
+    """
+    h, w = pixels.shape[:2]
+    if (w, h) == (width, height):
+        return np.ascontiguousarray(pixels)
+    sx, sy = w / width, h / height
+    if resample not in ("nearest", "box") and (sx > 1 or sy > 1):
+        # sigma 0 would mean "derive from the kernel size"; a tiny sigma is a 1-tap (identity) kernel.
+        sigma_x = _antialias_sigma(sx) if sx > 1 else 1e-3
+        sigma_y = _antialias_sigma(sy) if sy > 1 else 1e-3
+        pixels = cv2.GaussianBlur(pixels, (0, 0), sigmaX=sigma_x, sigmaY=sigma_y)
+    return cv2.resize(np.ascontiguousarray(pixels), (width, height),
+                      interpolation=_CV_INTERPOLATION[resample])
+
+
+def limit_native_threads(n: int) -> None:
+    """Cap OpenCV's own thread pool (it defaults to every core of the machine): a curation worker that
+    reserved ``n`` CPUs must not spread its resizes over the others' cores."""
+    cv2.setNumThreads(max(1, int(n)))
 
 
 def encode_image(im: Image.Image, config: ImageConfig) -> bytes:

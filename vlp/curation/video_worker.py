@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import psutil
 
 from vlp.curation.filters import FilterSet
+from vlp.curation.image import limit_native_threads
 from vlp.curation.video import VideoConfig, VideoResult, dropped_video, file_sha256, process_video
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _STOP_GRACE_S = 2.0
 def _child_main(conn, config: VideoConfig, filters: FilterSet) -> None:
     """A child's loop: ``(path, segment)`` in, ``VideoResult`` out, until ``None`` or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    limit_native_threads(1)  # one decoder child is one file at a time on one core
     if "decord" in (config.backend, config.fallback):
         import decord  # noqa: F401  (its import time must not count against the first file's limit)
     conn.send(("ready", os.getpid()))

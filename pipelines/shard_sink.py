@@ -19,7 +19,6 @@ deterministic in form (no random ids); a resumed run continues the numbering.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -60,12 +59,14 @@ LEDGER_SCHEMA = pa.schema(list(DROPS_SCHEMA) + [pa.field("sha256", pa.string()),
 VIDEO_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("video_id", pa.string()))
 
 
-def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = 1024) -> bytes:
+def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = 1024) -> pa.Buffer:
+    """The table as a Parquet file in memory (an Arrow buffer: no copy of a shard's worth of bytes on
+    the way out, which a ``BytesIO`` and its ``getvalue()`` would make)."""
     codec = None if compression == "none" else compression
     # Encoded pixels are already compressed: a second codec only costs time.
     per_column = {name: ("NONE" if name in PIXEL_COLUMNS else (codec or "NONE"))
                   for name in table.column_names}
-    buf = io.BytesIO()
+    buf = pa.BufferOutputStream()
     pq.write_table(
         table, buf, compression=per_column, row_group_size=row_group_rows,
         use_dictionary=[c for c in table.column_names

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 
@@ -152,7 +153,7 @@ class Storage:
         fs, path = self.resolve(uri)
         fs.create_dir(path, recursive=True)
 
-    def write_bytes_atomic(self, uri: str, data: bytes) -> None:
+    def write_bytes_atomic(self, uri: str, data: bytes | pa.Buffer) -> None:
         """Write so that readers see either nothing or the whole file, never a part of it."""
         fs, path = self.resolve(uri)
         if is_s3(uri):

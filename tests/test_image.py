@@ -38,6 +38,30 @@ def test_phash_equals_imagehash_reference():
         assert f"{ours:016x}" == str(imagehash.phash(im))
 
 
+@pytest.mark.parametrize("side", [256, 224, 31, 32, 33, 97, 512])
+def test_phash_of_square_images_equals_imagehash_reference(side):
+    """Square images (every stored center crop) take the matrix-product Lanczos path."""
+    rng = np.random.default_rng(side)
+    for i in range(15):
+        pixels = rng.random((side, side, 3)) * 255 if i % 2 else rng.normal(128, 70, (side, side, 3))
+        im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        ours = perceptual_hash(im) & (2**64 - 1)
+        assert f"{ours:016x}" == str(imagehash.phash(im))
+
+
+def test_lanczos_shrink_exact_is_pillow_bit_for_bit():
+    from vlp.curation.image import lanczos_shrink_exact
+
+    rng = np.random.default_rng(7)
+    for side in [1, 2, 5, 32, 33, 64, 100, 255, 256, 257, 640, 1001]:
+        for out in (32, 8, 47):
+            grey = np.clip(rng.normal(128, 90, (side, side)), 0, 255).astype(np.uint8)
+            expected = np.asarray(Image.fromarray(grey).resize((out, out), Image.Resampling.LANCZOS))
+            assert np.array_equal(lanczos_shrink_exact(grey, out, out), expected), (side, out)
+    with pytest.raises(ValueError, match="square"):
+        lanczos_shrink_exact(np.zeros((10, 20), np.uint8), 4, 4)
+
+
 def test_phash_is_stable_under_reencoding_and_far_for_other_images():
     a = _gradient()
     again = Image.open(io.BytesIO(_bytes(a.resize((290, 180)), "JPEG", quality=60)))

@@ -10,6 +10,7 @@ Every failure raises ``ImageDropError`` with a drop reason, never a bare Pillow 
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -263,9 +264,13 @@ def opencv_resize(pixels: np.ndarray, width: int, height: int, resample: str = "
 
 
 def limit_native_threads(n: int) -> None:
-    """Cap OpenCV's own thread pool (it defaults to every core of the machine): a curation worker that
-    reserved ``n`` CPUs must not spread its resizes over the others' cores."""
+    """Cap OpenCV's and the BLAS library's thread pools (both default to every core of the machine):
+    a curation worker that reserved ``n`` CPUs must not spread its resizes and the pHash's small
+    matrix products over the other workers' cores (a 2-thread BLAS doubles the pHash's CPU time)."""
+    from threadpoolctl import threadpool_limits
+
     cv2.setNumThreads(max(1, int(n)))
+    threadpool_limits(limits=max(1, int(n)))
 
 
 def encode_image(im: Image.Image, config: ImageConfig) -> bytes:
@@ -288,11 +293,67 @@ def perceptual_hash(im: Image.Image) -> int:
     Grey 32x32 (Lanczos), 2-D DCT-II, the top-left 8x8 coefficients compared with their median, bits
     packed row-major with the first bit most significant.
     """
-    grey = np.asarray(im.convert("L").resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)
+    grey_image = im.convert("L")
+    if grey_image.size[0] == grey_image.size[1]:  # the stored square crops: the fast exact path
+        grey = lanczos_shrink_exact(np.asarray(grey_image), _N, _N)
+    else:
+        grey = np.asarray(grey_image.resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)
     coeffs = _DCT @ grey @ _DCT.T
     low = coeffs[:8, :8]
     bits = (low > np.median(low)).flatten()
     return int.from_bytes(np.packbits(bits).tobytes(), "big", signed=True)
+
+
+# Pillow's fixed-point resampling of 8-bit images (libImaging/Resample.c): coefficients scaled by
+# 2^22, a rounding half added, an arithmetic shift, a clamp to 0..255, horizontal pass first.
+_PRECISION_BITS = 22
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    return np.where((x >= -3.0) & (x < 3.0), np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _pillow_lanczos_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) fixed-point weights of Pillow's Lanczos resize along one axis, as float64
+    (integers below 2^31: every product and sum of a pass stays exact in double precision)."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 3.0 * filterscale
+    inverse = 1.0 / filterscale
+    weights = np.zeros((out_size, in_size))
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        w = _lanczos3((np.arange(xmin, xmax) - center + 0.5) * inverse)
+        total = 0.0
+        for value in w:  # in order, as Pillow sums (numpy's pairwise sum may round differently)
+            total += value
+        if total != 0.0:
+            w = w / total
+        # C's (int)(w * 2^22 +/- 0.5): round half away from zero, by truncation.
+        weights[xx, xmin:xmax] = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+    return weights
+
+
+def _fixed_point_pass(weighted: np.ndarray) -> np.ndarray:
+    return np.clip(np.floor((weighted + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)), 0, 255)
+
+
+def lanczos_shrink_exact(grey: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``Image.fromarray(grey).resize((width, height), LANCZOS)`` bit for bit, as float64, by two
+    matrix products: Pillow's own loop takes 0.3 ms for 256 -> 32 px, this about a tenth of that.
+
+    Only for a square input to a square output: there Pillow runs the horizontal pass first. For
+    other shapes Pillow 13 may run the vertical pass first (its choice depends on both sizes), and the
+    rounding between the passes makes the order matter.
+    """
+    h, w = grey.shape
+    if h != w or width != height:
+        raise ValueError(f"lanczos_shrink_exact takes square to square, got {w}x{h} -> {width}x{height}")
+    across = _fixed_point_pass(grey.astype(np.float64) @ _pillow_lanczos_matrix(w, width).T)
+    return _fixed_point_pass(_pillow_lanczos_matrix(h, height) @ across)
 
 
 def hamming_distance(a: int, b: int) -> int:

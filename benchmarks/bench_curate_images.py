@@ -337,7 +337,9 @@ def worker_loop(manifest: str, variant: str, out_json: str) -> None:
     draft = variant in ("draft", "same_work")
     same = variant == "same_work"
     if same:
-        from vlp.curation.image import perceptual_hash
+        from vlp.curation.image import limit_native_threads, perceptual_hash
+
+        limit_native_threads(1)  # one process on one core: a 2-thread BLAS would double pHash's CPU
     base = os.path.dirname(os.path.abspath(manifest))
     with open(manifest, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +52,8 @@ from vlp.data.storage import Storage, basename, join
 
 logger = logging.getLogger(__name__)
 
+ROW_GROUP_ROWS = 1024
+
 # The drops ledger also keeps the hashes of rows dropped as duplicates, so that a resumed run rebuilds
 # the same dedup index the interrupted run had.
 LEDGER_SCHEMA = pa.schema(list(DROPS_SCHEMA) + [pa.field("sha256", pa.string()),
@@ -59,49 +62,122 @@ LEDGER_SCHEMA = pa.schema(list(DROPS_SCHEMA) + [pa.field("sha256", pa.string()),
 VIDEO_LEDGER_SCHEMA = LEDGER_SCHEMA.append(pa.field("video_id", pa.string()))
 
 
-def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = 1024) -> pa.Buffer:
-    """The table as a Parquet file in memory (an Arrow buffer: no copy of a shard's worth of bytes on
-    the way out, which a ``BytesIO`` and its ``getvalue()`` would make)."""
+def _parquet_options(column_names, compression: str) -> dict:
     codec = None if compression == "none" else compression
     # Encoded pixels are already compressed: a second codec only costs time.
-    per_column = {name: ("NONE" if name in PIXEL_COLUMNS else (codec or "NONE"))
-                  for name in table.column_names}
+    return {
+        "compression": {name: ("NONE" if name in PIXEL_COLUMNS else (codec or "NONE"))
+                        for name in column_names},
+        "use_dictionary": [c for c in column_names
+                           if c not in (*PIXEL_COLUMNS, "key", "sha256", "frame_times_s")],
+    }
+
+
+def _parquet_bytes(table: pa.Table, compression: str, row_group_rows: int = ROW_GROUP_ROWS) -> pa.Buffer:
+    """The table as a Parquet file in memory (an Arrow buffer: no copy on the way out)."""
     buf = pa.BufferOutputStream()
-    pq.write_table(
-        table, buf, compression=per_column, row_group_size=row_group_rows,
-        use_dictionary=[c for c in table.column_names
-                        if c not in (*PIXEL_COLUMNS, "key", "sha256", "frame_times_s")],
-    )
+    pq.write_table(table, buf, row_group_size=row_group_rows,
+                   **_parquet_options(table.column_names, compression))
     return buf.getvalue()
 
 
 def pixel_bytes(table: pa.Table) -> np.ndarray:
-    """Bytes of encoded pixels per row (the poster image plus any video frames)."""
-    sizes = np.asarray(pc.binary_length(table.column("image")).to_numpy(zero_copy_only=False),
-                       dtype=np.int64)
+    """Bytes of encoded pixels per row (the poster image plus any video frames); 0 for null."""
+    sizes = np.asarray(pc.fill_null(pc.binary_length(table.column("image")), 0)
+                       .to_numpy(zero_copy_only=False), dtype=np.int64)
     if "frames" in table.column_names:
-        frames = table.column("frames").combine_chunks()
-        flat = np.asarray(pc.binary_length(frames.flatten()).to_numpy(zero_copy_only=False),
-                          dtype=np.int64)
-        offsets = np.asarray(frames.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
-        cumulative = np.concatenate([[0], np.cumsum(flat)])
-        sizes = sizes + cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+        offset = 0
+        for chunk in table.column("frames").chunks:  # list_flatten skips null lists
+            lengths = pc.fill_null(pc.binary_length(pc.list_flatten(chunk)), 0).to_numpy(
+                zero_copy_only=False)
+            parents = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)
+            sizes[offset:offset + len(chunk)] += np.bincount(
+                parents, weights=lengths, minlength=len(chunk)).astype(np.int64)
+            offset += len(chunk)
     return sizes
 
 
-def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa.Table]:
-    """Consecutive slices with at most ``max_rows`` rows and about ``max_bytes`` of pixels each."""
-    if table.num_rows == 0:
+def plan_shards(sizes: np.ndarray, max_rows: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive ``[start, end)`` row ranges with at most ``max_rows`` rows and about
+    ``max_bytes`` of pixels each (a row larger than ``max_bytes`` gets a shard of its own)."""
+    if len(sizes) == 0:
         return []
-    sizes = pixel_bytes(table)
-    shards, start, acc = [], 0, 0
+    ranges, start, acc = [], 0, 0
     for i, size in enumerate(sizes):
         if i > start and (i - start >= max_rows or acc + size > max_bytes):
-            shards.append(table.slice(start, i - start))
+            ranges.append((start, i))
             start, acc = i, 0
         acc += int(size)
-    shards.append(table.slice(start))
-    return shards
+    ranges.append((start, len(sizes)))
+    return ranges
+
+
+def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa.Table]:
+    """``plan_shards`` applied to a table: zero-copy slices."""
+    return [table.slice(a, b - a) for a, b in plan_shards(pixel_bytes(table), max_rows, max_bytes)]
+
+
+class KeptRows:
+    """The kept (not dropped) rows of a write task's blocks, sliced without copying them all at once.
+
+    A write task holds up to a shard's worth of rows in its input blocks (shared object-store memory);
+    filtering them into one table would add a private copy of every pixel. Here each block is filtered
+    only while its rows are written, so a task's own memory stays at about one block.
+    """
+
+    def __init__(self, blocks: list[pa.Table]):
+        self.blocks = blocks
+        self.masks = [pc.invert(b.column("drop_reason").is_valid()) for b in blocks]
+        counts = [pc.sum(m).as_py() or 0 for m in self.masks]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._cached: tuple[int, pa.Table] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def pixel_bytes(self) -> np.ndarray:
+        if not self.blocks:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([pixel_bytes(b)[m.to_numpy(zero_copy_only=False)]
+                               for b, m in zip(self.blocks, self.masks)])
+
+    def _kept_block(self, i: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != i:
+            self._cached = (i, self.blocks[i].filter(self.masks[i]))
+        return self._cached[1]
+
+    def slices(self, start: int, end: int) -> Iterator[pa.Table]:
+        """The kept rows ``[start, end)``, block by block."""
+        for i in range(len(self.blocks)):
+            lo, hi = max(start, self.offsets[i]), min(end, self.offsets[i + 1])
+            if lo < hi:
+                yield self._kept_block(i).slice(lo - self.offsets[i], hi - lo)
+
+    def dropped(self) -> pa.Table:
+        return pa.concat_tables([b.filter(pc.invert(m)) for b, m in zip(self.blocks, self.masks)],
+                                promote_options="default")
+
+
+def write_parquet_stream(pieces: Iterator[pa.Table], sink, schema: pa.Schema, compression: str,
+                         row_group_rows: int = ROW_GROUP_ROWS) -> None:
+    """Write tables arriving in pieces as one Parquet file with row groups of ``row_group_rows``,
+    holding at most a row group's worth of rows besides the current piece."""
+    writer = pq.ParquetWriter(sink, schema, **_parquet_options(schema.names, compression))
+    pending, n_pending = [], 0
+    try:
+        for piece in pieces:
+            pending.append(piece.select(schema.names).cast(schema))
+            n_pending += piece.num_rows
+            if n_pending >= row_group_rows:
+                table = pa.concat_tables(pending)
+                full = n_pending - n_pending % row_group_rows
+                writer.write_table(table.slice(0, full), row_group_size=row_group_rows)
+                pending, n_pending = [table.slice(full)], n_pending - full
+        if n_pending:
+            writer.write_table(pa.concat_tables(pending), row_group_size=row_group_rows)
+    finally:
+        writer.close()
 
 
 class ShardDatasink(Datasink):
@@ -128,29 +204,28 @@ class ShardDatasink(Datasink):
         tables = [t for t in tables if t.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables(tables, promote_options="default")
-        dropped_mask = table.column("drop_reason").is_valid()
-        kept = table.filter(pc.invert(dropped_mask))
-        dropped = table.filter(dropped_mask)
-        shards = split_into_shards(kept, self.config.shard_rows, self.config.shard_bytes)
-        n_parts = max(1, len(shards))
+        kept = KeptRows(tables)
+        ranges = plan_shards(kept.pixel_bytes(), self.config.shard_rows, self.config.shard_bytes)
+        n_parts = max(1, len(ranges))
         first = ray.get(self.tracker.take_parts.remote(n_parts))
         group = [first, first + n_parts - 1]
+        dropped = kept.dropped()
         records = []
         for i in range(n_parts):
-            shard = shards[i] if i < len(shards) else None
+            shard = (kept, *ranges[i]) if i < len(ranges) else None
             records.append(self._commit(first + i, group, shard, dropped if i == 0 else None))
         return records
 
-    def _commit(self, part: int, group: list[int], shard: pa.Table | None,
+    def _commit(self, part: int, group: list[int], shard: tuple[KeptRows, int, int] | None,
                 dropped: pa.Table | None) -> dict:
         record = {"part": part, "group": group, "shard": None, "rows": 0, "bytes": 0,
                   "drops_file": None, "dropped": 0, "drops_by_reason": {}, "committed_at": time.time()}
-        if shard is not None and shard.num_rows:
-            data = _parquet_bytes(shard.select(self.schema.names).cast(self.schema),
-                                  self.config.compression)
-            self.storage.write_bytes_atomic(join(self.output, shard_name(part)), data)
-            record.update(shard=shard_name(part), rows=shard.num_rows, bytes=len(data))
+        if shard is not None and shard[2] > shard[1]:
+            kept, start, end = shard
+            with self.storage.atomic_output(join(self.output, shard_name(part))) as f:
+                write_parquet_stream(kept.slices(start, end), f, self.schema, self.config.compression)
+                nbytes = f.tell()
+            record.update(shard=shard_name(part), rows=end - start, bytes=nbytes)
         if dropped is not None and dropped.num_rows:
             columns = {
                 "key": dropped.column("key"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -155,8 +156,23 @@ class Storage:
 
     def write_bytes_atomic(self, uri: str, data: bytes | pa.Buffer) -> None:
         """Write so that readers see either nothing or the whole file, never a part of it."""
+        with self.atomic_output(uri) as f:
+            f.write(data)
+
+    @contextmanager
+    def atomic_output(self, uri: str) -> Iterator:
+        """A writable binary stream whose content appears at ``uri`` only if the block completes.
+
+        Local files are written to a temporary name beside the target, synced and renamed, so a
+        large file streams to disk instead of being held in memory. S3 objects are collected in
+        memory and sent as one PUT on success (an S3 stream closed after an error would still
+        complete its upload, and publish a partial object).
+        """
         fs, path = self.resolve(uri)
         if is_s3(uri):
+            buffer = pa.BufferOutputStream()
+            yield buffer
+            data = buffer.getvalue()
             with fs.open_output_stream(path) as f:
                 f.write(data)
             return
@@ -165,7 +181,7 @@ class Storage:
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -74,8 +74,19 @@ def kill_curation_mid_run(cmd: list[str], env: dict, output: str, parts: int = 3
             break
         assert proc.poll() is None, "the run finished before it could be killed"
         time.sleep(0.2)
+    # Ray's workers put themselves in process groups of their own: kill the whole tree by PID, as a
+    # crash of the machine would, so that no orphaned worker outlives the test.
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
     proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
     return len(os.listdir(records))
 
 

@@ -214,6 +214,8 @@ class ShardDatasink(Datasink):
         for i in range(n_parts):
             shard = (kept, *ranges[i]) if i < len(ranges) else None
             records.append(self._commit(first + i, group, shard, dropped if i == 0 else None))
+        # Arrow's allocator keeps freed pages for reuse; this worker may sit idle for a long time.
+        pa.default_memory_pool().release_unused()
         return records
 
     def _commit(self, part: int, group: list[int], shard: tuple[KeptRows, int, int] | None,

@@ -112,11 +112,6 @@ def plan_shards(sizes: np.ndarray, max_rows: int, max_bytes: int) -> list[tuple[
     return ranges
 
 
-def split_into_shards(table: pa.Table, max_rows: int, max_bytes: int) -> list[pa.Table]:
-    """``plan_shards`` applied to a table: zero-copy slices."""
-    return [table.slice(a, b - a) for a, b in plan_shards(pixel_bytes(table), max_rows, max_bytes)]
-
-
 class KeptRows:
     """The kept (not dropped) rows of a write task's blocks, sliced without copying them all at once.
 

@@ -295,23 +295,14 @@ def run_measured(cmd: list[str], log_path: str, env=None, timeout_s: float = 180
 # Workers (run in subprocesses of the benchmark)
 
 
-def worker_loop_ours(manifest: str, out_json: str, overrides: list[str]) -> None:
-    """Our per-row function (``curate_pair``: caption checks, fetch, probe, decode, resize, pHash,
-    SHA-256, encode), called in a plain single-process loop: the pipeline's work without Ray."""
+def worker_loop_ours(manifest: str, out_json: str) -> None:
+    """Our pipeline's per-row work (``ImageTextProcessor.curate_row``: caption checks, fetch, probe,
+    decode, resize, pHash, SHA-256, encode), called in a plain single-process loop: no Ray."""
+    from pipelines.image_text import ImageTextProcessor
     from vlp.config import load_config
     from vlp.curation.config import CurationConfig
-    from vlp.curation.fetch import Fetcher
-    from vlp.curation.filters import build_filters
-    from vlp.curation.image import limit_native_threads
-    from vlp.curation.pair import PairSettings, curate_pair
-    from vlp.curation.text import warm_up
-    from vlp.data.storage import Storage
 
-    cfg = load_config(CurationConfig, None, overrides)
-    fetcher = Fetcher(cfg.fetch, Storage(cfg.storage))
-    settings = PairSettings(cfg.text, cfg.image, build_filters(cfg.filters))
-    limit_native_threads(1)
-    warm_up(cfg.text)
+    processor = ImageTextProcessor(load_config(CurationConfig, None, _image_overrides()), [])
     base = os.path.dirname(os.path.abspath(manifest))
     with open(manifest, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -319,8 +310,8 @@ def worker_loop_ours(manifest: str, out_json: str, overrides: list[str]) -> None
     ok = out_bytes = 0
     for r in rows:
         source = r["url"] if "url" in r else os.path.join(base, r["path"])
-        out = curate_pair({"key": r["key"], "source": source, "caption": r["caption"], "data": None},
-                          fetcher.fetch, settings)
+        out = processor.curate_row({"key": r["key"], "source": source, "caption": r["caption"],
+                                    "data": None})
         if out["drop_reason"] is None:
             ok += 1
             out_bytes += len(out["image"])
@@ -331,7 +322,7 @@ def worker_loop_ours(manifest: str, out_json: str, overrides: list[str]) -> None
 def worker_loop(manifest: str, variant: str, out_json: str) -> None:
     """The plain single-process loop over a manifest (``path`` or ``url`` rows)."""
     if variant == "our_core":
-        return worker_loop_ours(manifest, out_json, _ours_overrides(1, 5.0)[:-2])
+        return worker_loop_ours(manifest, out_json)
     from PIL import Image
 
     draft = variant in ("draft", "same_work")
@@ -437,9 +428,13 @@ def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]
 # Runs
 
 
-def _ours_overrides(workers: int, interval: float) -> list[str]:
+def _image_overrides() -> list[str]:
     return [f"image.size={SIZE}", "image.resize_mode=center_crop", "image.format=jpeg",
-            f"image.quality={QUALITY}", f"execution.workers={workers}",
+            f"image.quality={QUALITY}"]
+
+
+def _ours_overrides(workers: int, interval: float) -> list[str]:
+    return [*_image_overrides(), f"execution.workers={workers}",
             f"execution.progress_interval_s={interval}"]
 
 

@@ -44,12 +44,14 @@ class ImageTextProcessor:
         self.dedup_shards = dedup_shards
         self.tracker = tracker
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
-        slots = config.execution.decode_threads or max(1, round(config.execution.worker_cpus))
-        self.cpu_gate = threading.BoundedSemaphore(slots)
-        limit_native_threads(max(1, round(config.execution.worker_cpus)))
+        cpus = max(1, round(config.execution.worker_cpus))
+        self.cpu_gate = threading.BoundedSemaphore(config.execution.decode_threads or cpus)
+        limit_native_threads(cpus)
         warm_up(config.text)
 
-    def _one(self, raw: dict) -> dict:
+    def curate_row(self, raw: dict) -> dict:
+        """One source row through ``curate_pair`` with this worker's fetcher, settings and CPU gate
+        (no dedup: that needs the whole batch)."""
         return curate_pair(raw, self.fetcher.fetch, self.settings, self.cpu_gate)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -57,9 +59,9 @@ class ImageTextProcessor:
         # Remote sources wait on the network: fetch them on the thread pool. Local files and embedded
         # bytes are CPU-bound: run them right here (more threads would only fight over the GIL),
         # overlapping with the remote fetches still in flight.
-        remote = {i: self.pool.submit(self._one, r) for i, r in enumerate(raws)
+        remote = {i: self.pool.submit(self.curate_row, r) for i, r in enumerate(raws)
                   if r["data"] is None and r["source"].startswith(REMOTE_SCHEMES)}
-        rows = [None if i in remote else self._one(r) for i, r in enumerate(raws)]
+        rows = [None if i in remote else self.curate_row(r) for i, r in enumerate(raws)]
         for i, future in remote.items():
             rows[i] = future.result()
         mark_duplicates(rows, self.dedup_shards, self.config.dedup)

@@ -343,7 +343,7 @@ def _fixed_point_pass(weighted: np.ndarray) -> np.ndarray:
 
 def lanczos_shrink_exact(grey: np.ndarray, width: int, height: int) -> np.ndarray:
     """``Image.fromarray(grey).resize((width, height), LANCZOS)`` bit for bit, as float64, by two
-    matrix products: Pillow's own loop takes 0.3 ms for 256 -> 32 px, this about a tenth of that.
+    matrix products: 0.13 ms for 256 -> 32 px where Pillow's own loop takes 0.29 ms.
 
     Only for a square input to a square output: there Pillow runs the horizontal pass first. For
     other shapes Pillow 13 may run the vertical pass first (its choice depends on both sizes), and the

@@ -219,3 +219,75 @@ def test_stored_phash_is_the_phash_of_the_stored_pixels():
     assert rendered.phash == perceptual_hash(expected)
     stored = Image.open(io.BytesIO(rendered.data)).convert("RGB")
     assert hamming_distance(rendered.phash, perceptual_hash(stored)) <= 2  # JPEG round trip
+
+
+def _photo_jpeg(w, h, seed=0, **save):
+    import random
+
+    from vlp.data.synthetic import draw_sample, random_spec
+
+    rng = random.Random(seed)
+    return _bytes(draw_sample(random_spec(rng), w, h, rng).convert("RGB"), "JPEG", **save)
+
+
+def _both_decoders(data, **cfg):
+    from vlp.curation.image import decode_pixels
+
+    fast = decode_pixels(probe_image(data, 10**8), ImageConfig(jpeg_decoder="simplejpeg", **cfg))
+    slow = np.asarray(decode_image(probe_image(data, 10**8), ImageConfig(jpeg_decoder="pillow", **cfg)))
+    return fast, slow
+
+
+@pytest.mark.parametrize("w,h,size", [(900, 700, 256), (500, 1400, 256), (2100, 1700, 256),
+                                      (640, 480, 64), (300, 200, 256), (257, 513, 128)])
+@pytest.mark.parametrize("draft", [True, False])
+def test_simplejpeg_decode_is_pillows_bit_for_bit(w, h, size, draft):
+    """Same library, same draft scale (1, 1/2, 1/4 or 1/8 as Pillow picks it), same pixels."""
+    fast, slow = _both_decoders(_photo_jpeg(w, h, quality=90), size=size, draft=draft)
+    assert fast.dtype == np.uint8 and fast.shape == slow.shape and fast.shape[2] == 3
+    assert np.array_equal(fast, slow)
+    if draft and min(w, h) >= 2 * size:
+        assert fast.shape[0] < h  # a reduced-scale decode did happen
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_simplejpeg_decode_applies_every_exif_orientation_as_pillow(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _photo_jpeg(300, 180, seed=orientation, quality=95, exif=exif.tobytes())
+    fast, slow = _both_decoders(data, resize_mode="none")
+    assert np.array_equal(fast, slow)
+    probed = probe_image(data, 10**8)
+    assert fast.shape[:2] == (probed.orig_height, probed.orig_width)
+
+
+def test_simplejpeg_decodes_greyscale_jpegs_and_leaves_cmyk_to_pillow():
+    grey = Image.open(io.BytesIO(_photo_jpeg(400, 300))).convert("L")
+    fast, slow = _both_decoders(_bytes(grey, "JPEG", quality=90), size=128)
+    assert fast.shape == slow.shape and fast.shape[2] == 3 and np.array_equal(fast, slow)
+    cmyk = Image.open(io.BytesIO(_photo_jpeg(400, 300))).convert("CMYK")
+    fast, slow = _both_decoders(_bytes(cmyk, "JPEG", quality=90), size=128)
+    assert np.array_equal(fast, slow)
+
+
+def test_jpegs_simplejpeg_refuses_get_pillows_verdict():
+    data = _photo_jpeg(400, 300, quality=90)
+    # Stray bytes before the end marker: libjpeg only warns, simplejpeg (strict) refuses, Pillow decodes.
+    stray = data[:-2] + b"\x00\x00" + data[-2:]
+    fast, slow = _both_decoders(stray, size=128)
+    assert np.array_equal(fast, slow)
+    from vlp.curation.image import decode_pixels
+
+    with pytest.raises(ImageDropError) as e:  # truncated: corrupt either way
+        decode_pixels(probe_image(data[: len(data) // 2], 10**8), ImageConfig())
+    assert e.value.reason == "corrupt_image"
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border", "none"])
+def test_render_is_the_same_with_either_jpeg_decoder(mode):
+    src = _photo_jpeg(900, 600, seed=4, quality=92)
+    fast = render_image(probe_image(src, 10**8), ImageConfig(size=128, resize_mode=mode))
+    slow = render_image(probe_image(src, 10**8), ImageConfig(size=128, resize_mode=mode,
+                                                             jpeg_decoder="pillow"))
+    assert (fast.width, fast.height) == (slow.width, slow.height)
+    assert fast.data == slow.data and fast.phash == slow.phash

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from vlp.curation.filters import ClipItem, FilterSet, VideoItem
-from vlp.curation.image import ImageConfig, encode_image, perceptual_hash, resize_image
+from vlp.curation.image import ImageConfig, encode_pixels, perceptual_hash, resize_pixels
 from vlp.curation.video_backends import (
     VIDEO_BACKENDS,
     VideoDropError,
@@ -445,23 +445,23 @@ def _process_clip(reader: VideoReader, info: VideoInfo, config: VideoConfig, fil
     in_sample = set(sampled)
     pairs = motion_pair_indices(times, start, end, config.motion_pairs, config.motion_gap_s)
     in_pairs = {i for pair in pairs for i in pair}
-    resized: dict[int, Image.Image] = {}
+    resized: dict[int, np.ndarray] = {}
     grey: dict[int, np.ndarray] = {}
     for i, frame in _read_chunked(reader, in_sample | in_pairs):
         if i in in_pairs:
             grey[i] = _grey(frame, _MOTION_SIDE)
         if i in in_sample:
-            resized[i] = resize_image(Image.fromarray(frame), config.frame)
+            resized[i] = resize_pixels(frame, config.frame)
     motion = motion_score([(grey[a], grey[b]) for a, b in pairs])
     key = resized[sampled[len(sampled) // 2]]
-    clip = ClipResult(index, start, end, [], [float(times[i]) for i in sampled], key.size[0], key.size[1],
-                      perceptual_hash(key), motion)
+    clip = ClipResult(index, start, end, [], [float(times[i]) for i in sampled], key.shape[1], key.shape[0],
+                      perceptual_hash(Image.fromarray(key)), motion)
     item = ClipItem(motion, length)
     for f in filters.clip:
         reason = f.check(item)
         if reason:
             clip.drop_reason, clip.drop_detail = reason, f"motion {motion:.5f}"
             return clip
-    encoded = {i: encode_image(im, config.frame) for i, im in resized.items()}
+    encoded = {i: encode_pixels(pixels, config.frame) for i, pixels in resized.items()}
     clip.frames = [encoded[i] for i in sampled]
     return clip

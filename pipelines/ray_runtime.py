@@ -15,6 +15,13 @@ from typing import Iterator
 import ray
 from ray._private import ray_constants
 
+# How long an idle worker process above Ray's soft limit (one per CPU) lives before the raylet kills
+# it; Ray's default is 1 s. Curation's shard writes are short tasks a few seconds apart, next to
+# actors that hold a worker each: with the default, every write started a new Python worker (about
+# 1 CPU-second of imports for a few tenths of a second of writing). Clusters get the same setting as
+# the environment variable RAY_idle_worker_killing_time_threshold_ms (ray_configs/, infra/kuberay/).
+IDLE_WORKER_KEEP_MS = 60_000
+
 # Ray Train V2 re-routes print() on workers through a logger that also echoes to stdout, so every
 # progress line would reach the driver twice; our workers print plain progress lines instead.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -58,7 +65,8 @@ def ensure_ray(address: str = "", dashboard: bool = True) -> bool:
     if address:
         kwargs["address"] = address
     elif not os.environ.get("RAY_ADDRESS"):
-        kwargs.update(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1")
+        kwargs.update(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                      _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
         with _loopback_node():
             ray.init(**kwargs)
         return True

@@ -163,6 +163,13 @@ def test_aws_and_gcp_offer_the_same_cluster():
             (g["resources"], g["min_workers"], g["max_workers"]), name
 
 
+def test_cluster_keeps_idle_workers_as_the_embedded_ray_does(cluster):
+    from pipelines.ray_runtime import IDLE_WORKER_KEEP_MS
+
+    options = " ".join(cluster["docker"]["run_options"])
+    assert f"--env RAY_idle_worker_killing_time_threshold_ms={IDLE_WORKER_KEEP_MS}" in options
+
+
 # --- authentication and secrets ----------------------------------------------------------------------
 
 _SECRET_FETCH = re.compile(r"secretsmanager get-secret-value|gcloud secrets versions access")

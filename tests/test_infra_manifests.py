@@ -392,6 +392,11 @@ def test_secrets_reach_pods_only_by_reference_and_every_reference_resolves():
     for config_map in config_maps.values():
         assert not [k for k in config_map["data"] if SECRET_NAME.search(k)], config_map["data"]
     assert "MLFLOW_TRACKING_URI" in config_maps["vlp-env"]["data"]
+    from pipelines.ray_runtime import IDLE_WORKER_KEEP_MS
+
+    # Every Ray pod keeps idle workers as the embedded Ray does (ray_runtime.IDLE_WORKER_KEEP_MS).
+    keep = config_maps["vlp-env"]["data"]["RAY_idle_worker_killing_time_threshold_ms"]
+    assert keep == str(IDLE_WORKER_KEEP_MS)
 
 
 def test_secret_templates_hold_placeholders_only():

@@ -250,6 +250,14 @@ def test_simplejpeg_decode_is_pillows_bit_for_bit(w, h, size, draft):
         assert fast.shape[0] < h  # a reduced-scale decode did happen
 
 
+@pytest.mark.parametrize("save", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 1},
+                                  {"optimize": True}])
+def test_simplejpeg_decode_is_pillows_for_other_jpeg_encodings(save):
+    """Progressive scans, 4:4:4 and 4:2:2 chroma, optimised Huffman tables."""
+    fast, slow = _both_decoders(_photo_jpeg(900, 640, seed=1, quality=88, **save))
+    assert fast.shape == slow.shape and np.array_equal(fast, slow)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_simplejpeg_decode_applies_every_exif_orientation_as_pillow(orientation):
     exif = Image.Exif()

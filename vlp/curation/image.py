@@ -1,6 +1,6 @@
 """Image transforms: probe, decode, convert, resize, encode and perceptual hash.
 
-Pure functions on bytes and Pillow images. Work is split so that cheap checks come first:
+Pure functions on bytes, Pillow images and numpy arrays. Work is split so that cheap checks come first:
 ``probe_image`` reads only the header (size, orientation, format), image filters look at that, and only
 then ``render_image`` decodes, at a reduced scale when JPEG draft decoding allows it (the DCT is
 scaled by 1/2, 1/4 or 1/8 inside libjpeg, which is most of the speed of a resize to 256 px).
@@ -64,7 +64,7 @@ class ImageConfig:
         upscale: enlarge images smaller than ``size``; if false they keep their size.
         jpeg_decoder: ``simplejpeg`` (default): colour and greyscale JPEGs are decoded by libjpeg-turbo's
             TurboJPEG API straight into a numpy array: the same library Pillow wraps, the same draft
-            scale, the same pixels bit for bit, in about 0.65 instead of 1.3 ms for the benchmark's
+            scale, the same pixels bit for bit, in about 0.8 instead of 1.3 ms for the benchmark's
             photos (``benchmarks/README.md``). Other JPEGs (CMYK, multi-picture) and any JPEG it
             refuses go through Pillow, which then decides whether the image is corrupt. ``pillow``:
             Pillow decodes every image.
@@ -231,8 +231,8 @@ def _decode_jpeg_fast(probed: ProbedImage, config: ImageConfig) -> np.ndarray | 
     k = _draft_factor(w, h, config)
     try:
         # min_factor with the exact 1/k size pins the TurboJPEG scale to 1/k (it also offers 3/8, 5/8
-        # and others; those scaled IDCTs keep too little margin above the target and alias: 3-5 dB
-        # lower PSNR on the benchmark's photos).
+        # and others; those scaled IDCTs keep too little margin above the target and alias: 3.6 dB
+        # lower PSNR on the benchmark's photos, 4.7 dB on high-frequency images).
         pixels = simplejpeg.decode_jpeg(probed.data, colorspace="RGB", min_factor=k,
                                         min_width=-(-w // k), min_height=-(-h // k))
     except ValueError:

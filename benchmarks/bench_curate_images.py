@@ -42,14 +42,14 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from multiprocessing import get_context
+
+from measure import PROCESSED, TimedStream, git_state, load_psutil, run_measured
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench")
@@ -57,17 +57,6 @@ DEFAULT_I2D_VENV = os.path.join(BENCH_DIR, "venv-img2dataset")
 RESULTS = os.path.join(REPO, "benchmarks", "results", "curate_images.json")
 SIZE, QUALITY = 256, 95
 MIN_SIDE, MAX_SIDE = 400, 1000
-
-
-def _psutil():
-    """psutil, or the copy Ray vendors (importing ray puts ``ray/thirdparty_files`` on ``sys.path``)."""
-    try:
-        import psutil
-    except ImportError:
-        import ray  # noqa: F401
-
-        import psutil
-    return psutil
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +163,7 @@ class HttpServer:
         raise RuntimeError("the local HTTP server did not start")
 
     def cpu_s(self) -> float:
-        psutil = _psutil()
+        psutil = load_psutil()
 
         try:
             t = psutil.Process(self.proc.pid).cpu_times()
@@ -190,105 +179,6 @@ class HttpServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-# --------------------------------------------------------------------------------------------------
-# Measuring a subprocess tree
-
-
-class TreeSampler:
-    """Samples a process and its descendants: peak summed RSS, CPU seconds per process, process count."""
-
-    def __init__(self, pid: int, interval_s: float = 0.2):
-        self.pid, self.interval_s = pid, interval_s
-        self.peak_rss = 0
-        self.peak_pss = 0  # proportional set size: shared pages split between the processes sharing them
-        self.peak_procs = 0
-        self.cpu: dict[tuple[int, float], float] = {}  # (pid, create_time) -> last seen CPU seconds
-        self.samples = 0
-        self.series: list[tuple[float, int]] = []  # (seconds since start, summed RSS)
-        self.peak_top: list[tuple[str, float]] = []  # the largest processes at the peak, (name, MB)
-        self._t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self):
-        psutil = _psutil()
-
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
-            return
-        total = total_pss = 0
-        each = []
-        for p in procs:
-            try:
-                with p.oneshot():
-                    mem = p.memory_full_info()  # smaps_rollup: cheap on Linux >= 4.14
-                    t = p.cpu_times()
-                    self.cpu[(p.pid, p.create_time())] = t.user + t.system
-                    each.append((mem.rss, p))
-                total += mem.rss
-                total_pss += getattr(mem, "pss", mem.rss)
-            except psutil.Error:
-                pass
-        self.peak_pss = max(self.peak_pss, total_pss)
-        self.series.append((time.monotonic() - self._t0, total))
-        if total > self.peak_rss:
-            top = []
-            for rss, p in sorted(each, key=lambda e: -e[0])[:6]:
-                try:
-                    name = " ".join(p.cmdline())[:60] or p.name()
-                except psutil.Error:
-                    name = "?"
-                top.append((name, round(rss / 2**20)))
-            self.peak_top = top
-        self.peak_rss = max(self.peak_rss, total)
-        self.peak_procs = max(self.peak_procs, len(procs))
-        self.samples += 1
-
-    def _run(self):
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval_s)
-
-    @property
-    def cpu_s(self) -> float:
-        return sum(self.cpu.values())
-
-
-def run_measured(cmd: list[str], log_path: str, env=None, timeout_s: float = 1800) -> dict:
-    """Run ``cmd`` with its output to ``log_path``; wall time, peak tree RSS and tree CPU seconds."""
-    with open(log_path, "wb") as log:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        killer = threading.Timer(timeout_s, proc.kill)
-        killer.start()
-        with TreeSampler(proc.pid) as sampler:
-            # wait4: the exact CPU time of the child and of the descendants it reaped (the sampler
-            # misses up to one interval of each process's CPU; for a single process this is exact).
-            _, status, usage = os.wait4(proc.pid, 0)
-        killer.cancel()
-        wall = time.monotonic() - t0
-        rc = proc.returncode = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = f.read()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {rc}; log {log_path}:\n{tail}")
-    cpu = max(sampler.cpu_s, usage.ru_utime + usage.ru_stime)
-    return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / 2**20, "peak_pss_mb": sampler.peak_pss / 2**20,
-            "cpu_s": cpu,
-            "peak_procs": sampler.peak_procs, "samples": sampler.samples, "peak_top": sampler.peak_top,
-            "rss_series": [(round(t, 2), round(r / 2**20)) for t, r in sampler.series]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,27 +290,6 @@ LOOP_VARIANTS = (
     ("our_core_x2", "2 plain loops of our per-row code side by side (no Ray)"),
 )
 
-_PROCESSED = re.compile(r"processed ([\d,]+)")
-
-
-class _TimedStream:
-    """A text stream that timestamps each line (the pipeline's progress lines) and passes it on."""
-
-    def __init__(self, t0: float, sink):
-        self.t0, self.sink, self.buf, self.lines = t0, sink, "", []
-
-    def write(self, s: str) -> int:
-        self.sink.write(s)
-        self.buf += s
-        while "\n" in self.buf:
-            line, self.buf = self.buf.split("\n", 1)
-            self.lines.append((time.monotonic() - self.t0, line))
-        return len(s)
-
-    def flush(self):
-        self.sink.flush()
-
-
 def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]) -> None:
     t0 = time.monotonic()
     from pipelines.image_text import run_image_curation
@@ -429,7 +298,7 @@ def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]
 
     cfg = load_config(CurationConfig, None, overrides)
     t_import = time.monotonic() - t0
-    stream = _TimedStream(t0, sys.stderr)
+    stream = TimedStream(t0, sys.stderr)
     t_call = time.monotonic() - t0
     stats = run_image_curation(manifest, out_dir, cfg, stream=stream)
     t_return = time.monotonic() - t0
@@ -437,7 +306,7 @@ def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]
     for t, line in stream.lines:
         if t_start_line is None and "input unit" in line:
             t_start_line = t
-        m = _PROCESSED.search(line)
+        m = PROCESSED.search(line)
         if m and line.lstrip().startswith("[curate]"):
             events.append((t, int(m.group(1).replace(",", ""))))
     with open(out_json, "w") as f:
@@ -609,8 +478,8 @@ def main(argv=None) -> int:
     work = os.path.join(BENCH_DIR, "work", "curate_images")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    _psutil()  # before any sampler thread needs it
-    code_before = _git_state()
+    load_psutil()  # before any sampler thread needs it
+    code_before = git_state()
     started = time.monotonic()
     load_before = os.getloadavg()
 
@@ -773,8 +642,8 @@ def main(argv=None) -> int:
         "targets": targets,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    if _git_state() != code_before:
-        res["code"]["changed_during_run"] = _git_state()
+    if git_state() != code_before:
+        res["code"]["changed_during_run"] = git_state()
         say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
@@ -786,21 +655,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _git_state() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "vlp", "pipelines").splitlines(),
-            "diff_sha1": hashlib.sha1(git("diff", "HEAD", "--", "vlp", "pipelines").encode()).hexdigest()[:12]}
-
-
 def _mem_gb() -> float:
-    return _psutil().virtual_memory().total / 2**30
+    return load_psutil().virtual_memory().total / 2**30
 
 
 def _i2d_version(venv: str) -> str | None:

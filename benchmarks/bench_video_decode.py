@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 
-from bench_curate_images import _PROCESSED, _git_state, _psutil, _TimedStream, run_measured
+from measure import PROCESSED, TimedStream, git_state, load_psutil, run_measured
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(REPO, ".bench", "work", "video_decode")
@@ -255,7 +255,7 @@ def worker_pipeline(manifest: str, out_dir: str, out_json: str, overrides: list[
     from vlp.curation.config import VideoCurationConfig
 
     config = load_config(VideoCurationConfig, None, overrides)
-    stream = _TimedStream(t0, sys.stderr)
+    stream = TimedStream(t0, sys.stderr)
     t_call = time.monotonic() - t0
     stats = run_video_curation(manifest, out_dir, config, stream=stream)
     t_return = time.monotonic() - t0
@@ -263,7 +263,7 @@ def worker_pipeline(manifest: str, out_dir: str, out_json: str, overrides: list[
     for t, line in stream.lines:
         if t_start_line is None and "input unit" in line:  # Ray is up and the job is planned
             t_start_line = t
-        m = _PROCESSED.search(line)
+        m = PROCESSED.search(line)
         if m and line.lstrip().startswith("[curate]"):
             events.append((t, int(m.group(1).replace(",", ""))))
     with open(out_json, "w") as f:
@@ -412,7 +412,7 @@ class DecoderCpu:
         self._thread.join()
 
     def _run(self):
-        psutil = _psutil()
+        psutil = load_psutil()
         me = psutil.Process()
         while not self._stop.wait(0.5):
             for root in me.children():
@@ -571,7 +571,7 @@ def _machine(load_before) -> dict:
     ffmpeg = subprocess.run([FFMPEG, "-version"], capture_output=True, text=True).stdout.split("\n")[0]
     decord_libs = sorted(os.path.basename(p).split("-")[0] + " " + p.rsplit(".so.", 1)[-1] for p in glob.glob(
         os.path.join(os.path.dirname(os.path.dirname(decord.__file__)), "decord.libs", "libav*.so.*")))
-    return {"cpus": os.cpu_count(), "cpu_model": model, "mem_gb": round(_psutil().virtual_memory().total / 2**30, 1),
+    return {"cpus": os.cpu_count(), "cpu_model": model, "mem_gb": round(load_psutil().virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "platform": platform.platform(),
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -609,7 +609,7 @@ def main(argv=None) -> int:
         ap.error("--leak-decodes and --pool-decodes must be at least 20")
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    started, load_before, code = time.monotonic(), os.getloadavg(), _git_state()
+    started, load_before, code = time.monotonic(), os.getloadavg(), git_state()
 
     def say(msg):
         print(f"[bench {time.monotonic() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
@@ -639,8 +639,8 @@ def main(argv=None) -> int:
         res["pipeline_ratios"] = _pipeline_ratios(res["pipeline"])
     res["machine"] = _machine(load_before)
     res["elapsed_s"] = round(time.monotonic() - started, 1)
-    if _git_state() != code:
-        res["code"]["changed_during_run"] = _git_state()
+    if git_state() != code:
+        res["code"]["changed_during_run"] = git_state()
         say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:

@@ -349,16 +349,15 @@ def limit_native_threads(n: int) -> None:
     threadpool_limits(limits=max(1, int(n)))
 
 
-def encode_pixels(pixels: np.ndarray, config: ImageConfig) -> bytes:
-    """Encode an RGB uint8 array in the configured format and quality (Pillow)."""
+def encode_image(im: Image.Image, config: ImageConfig) -> bytes:
+    """Encode an RGB image in the configured format and quality (Pillow)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG" if config.format == "jpeg" else "WEBP",
-                                 quality=config.quality)
+    im.save(buf, format="JPEG" if config.format == "jpeg" else "WEBP", quality=config.quality)
     return buf.getvalue()
 
 
-def encode_image(im: Image.Image, config: ImageConfig) -> bytes:
-    return encode_pixels(np.asarray(im), config)
+def encode_pixels(pixels: np.ndarray, config: ImageConfig) -> bytes:
+    return encode_image(Image.fromarray(pixels), config)
 
 
 # DCT-II basis for 32 samples; phash = sign of the 8x8 lowest frequencies against their median.
@@ -454,6 +453,5 @@ def render_image(probed: ProbedImage, config: ImageConfig) -> RenderedImage:
     than the decoded source, copies at any source resolution still meet, and a reader can check it
     against ``perceptual_hash`` of the shard's own pixels.
     """
-    out = resize_pixels(decode_pixels(probed, config), config)
-    return RenderedImage(encode_pixels(out, config), out.shape[1], out.shape[0],
-                         perceptual_hash(Image.fromarray(out)))
+    out = Image.fromarray(resize_pixels(decode_pixels(probed, config), config))  # once, for both
+    return RenderedImage(encode_image(out, config), out.size[0], out.size[1], perceptual_hash(out))

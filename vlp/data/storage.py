@@ -157,11 +157,15 @@ class Storage:
     def write_bytes_atomic(self, uri: str, data: bytes | pa.Buffer) -> None:
         """Write so that readers see either nothing or the whole file, never a part of it."""
         if is_s3(uri):  # already whole in memory: one PUT, without atomic_output's buffer copy
-            fs, path = self.resolve(uri)
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            self._put_object(uri, data)
             return
         with self.atomic_output(uri) as f:
+            f.write(data)
+
+    def _put_object(self, uri: str, data: bytes | pa.Buffer) -> None:
+        """One S3 PUT of the whole object: it appears complete or not at all."""
+        fs, path = self.resolve(uri)
+        with fs.open_output_stream(path) as f:
             f.write(data)
 
     @contextmanager
@@ -173,14 +177,12 @@ class Storage:
         memory and sent as one PUT on success (an S3 stream closed after an error would still
         complete its upload, and publish a partial object).
         """
-        fs, path = self.resolve(uri)
         if is_s3(uri):
             buffer = pa.BufferOutputStream()
             yield buffer
-            data = buffer.getvalue()
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            self._put_object(uri, buffer.getvalue())
             return
+        _, path = self.resolve(uri)
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")

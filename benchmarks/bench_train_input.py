@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train_input.py [--rows N] [--epochs E] [--quick]
 
-The same training loop (``vlp.train.launch.run_training``: 2 Ray Train workers, the quickstart's tiny
+The same training loop (``pipelines.train_job.run_training``: 2 Ray Train workers, the quickstart's tiny
 dual encoder, grouped loss) runs twice in one invocation, on one local Ray:
 
 - ``pipeline``: fed by the real Ray Data pipeline from the curated shards (read Parquet, decode JPEG,
@@ -82,12 +82,13 @@ def main() -> int:
     import ray
 
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.train_data import build_train_dataset, split_shards
+    from pipelines.train_data import build_train_dataset
+    from vlp.train.shard_plan import split_shards
     from vlp.config import load_config
     from vlp.data.storage import Storage
     from vlp.data.tokenizer import resolve_tokenizer_path
     from vlp.train.config import TrainConfig
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     os.makedirs(WORK, exist_ok=True)
     ensure_ray("")

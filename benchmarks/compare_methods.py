@@ -62,7 +62,7 @@ def prepare(root: str) -> None:
 def run_method(name: str, root: str, seed: int) -> dict:
     from vlp.config import load_config
     from vlp.train.config import TrainConfig
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     data = ([f"data.train={root}/clips", f"data.eval={root}/held_out", "data.holdout_shards=0"]
             if name in VIDEO else [f"data.train={root}/images", "data.holdout_shards=1"])

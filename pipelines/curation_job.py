@@ -20,7 +20,6 @@ import time
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from pipelines.ray_runtime import ensure_ray
@@ -28,7 +27,8 @@ from pipelines.ray_runtime import ensure_ray
 from vlp.config import config_hash, to_dict
 from vlp.curation.config import output_affecting
 from vlp.curation.dedup import DedupIndex, combine_flags, key_owner, make_entries, split_by_shard
-from vlp.data.schema import MANIFEST_FILE, PIXEL_COLUMNS, SCHEMA_VERSION
+from vlp.data.schema import (MANIFEST_FILE, PIXEL_COLUMNS, SCHEMA_VERSION, STATUS_IN_PROGRESS,
+                             ShardKind)
 from vlp.data.storage import Storage, join
 from pipelines.progress import ProgressReporter, RunTracker, format_summary
 from pipelines.shard_sink import (
@@ -132,14 +132,14 @@ def _rebuild_dedup(output, storage, state, shards, config, done_column: str) -> 
     return done, len(keys)
 
 
-def run_curation(src: str, output: str, config, *, media: str, processor, shard_schema: pa.Schema,
-                 done_column: str = "key", resume: bool = False, stream=sys.stderr) -> dict:
+def run_curation(src: str, output: str, config, *, media: str, processor, kind: ShardKind,
+                 resume: bool = False, stream=sys.stderr) -> dict:
     """Curate pairs from ``src`` into shards under ``output``; returns the run's stats.
 
     ``config``: a curation config (``CurationConfig`` or ``VideoCurationConfig``: input, storage, dedup,
     output and execution sections); ``processor``: the Ray Data callable class, built with ``config``,
-    ``dedup_shards`` and ``tracker``; ``done_column``: the committed column that names finished source
-    rows (resume skips them at the reader).
+    ``dedup_shards`` and ``tracker``; ``kind``: what the shards hold (their schema, and the column that
+    names finished source rows: resume skips them at the reader).
 
     Raises:
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.
@@ -152,7 +152,8 @@ def run_curation(src: str, output: str, config, *, media: str, processor, shard_
     storage.makedirs(output)
     if state.manifest is None:
         storage.write_bytes_atomic(join(output, MANIFEST_FILE), json.dumps({
-            "schema_version": SCHEMA_VERSION, "status": "in_progress", "input": src,
+            "schema_version": SCHEMA_VERSION, "status": STATUS_IN_PROGRESS, "kind": kind.value,
+            "input": src,
             "config": to_dict(config), "config_hash": fingerprint, "shards": [],
         }, indent=2, ensure_ascii=False).encode())
 
@@ -167,7 +168,7 @@ def run_curation(src: str, output: str, config, *, media: str, processor, shard_
         placed = config.execution.node_resources or None  # where curation runs on a cluster
         shards = ([DedupShard.options(resources=placed).remote(dedup) for _ in range(dedup.shards)]
                   if (dedup.exact or dedup.near) else [])
-        done, n_done = _rebuild_dedup(output, storage, state, shards, config, done_column)
+        done, n_done = _rebuild_dedup(output, storage, state, shards, config, kind.source_key_column)
         if n_done:
             print(f"[curate] resuming: {n_done:,} rows already committed in "
                   f"{len(state.records)} parts", file=stream, flush=True)
@@ -193,7 +194,7 @@ def run_curation(src: str, output: str, config, *, media: str, processor, shard_
             num_cpus=config.execution.worker_cpus,
             resources=placed,
         )
-        sink = ShardDatasink(output, storage, config.output, tracker, schema=shard_schema)
+        sink = ShardDatasink(output, storage, config.output, tracker, kind=kind)
         print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
               file=stream, flush=True)
         with ProgressReporter(tracker, config.execution.progress_interval_s, stream):
@@ -208,7 +209,7 @@ def run_curation(src: str, output: str, config, *, media: str, processor, shard_
             input_uri=src, reject_samples=config.output.reject_samples_per_reason,
             extra={"rows_read_this_run": rows_after - rows_before,
                    "elapsed_s": round(time.monotonic() - started, 3)},
-            schema=shard_schema,
+            kind=kind,
         )
         print(format_summary(stats, time.monotonic() - started, output), file=stream, flush=True)
         return stats

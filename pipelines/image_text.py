@@ -21,7 +21,7 @@ from vlp.curation.filters import build_filters
 from vlp.curation.image import limit_native_threads
 from vlp.curation.pair import PROCESSED_COLUMNS, PairSettings, curate_pair
 from vlp.curation.text import warm_up
-from vlp.data.schema import IMAGE_TEXT_SCHEMA
+from vlp.data.schema import IMAGE_TEXT_SCHEMA, ShardKind
 from vlp.data.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def run_image_curation(src: str, output: str, config: CurationConfig, *, resume:
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.
     """
     return run_curation(src, output, config, media="image", processor=ImageTextProcessor,
-                        shard_schema=IMAGE_TEXT_SCHEMA, resume=resume, stream=stream)
+                        kind=ShardKind.IMAGE_TEXT, resume=resume, stream=stream)
 
 
 __all__ = ["run_image_curation", "CurationError", "InputError", "ImageTextProcessor"]

@@ -37,13 +37,14 @@ from vlp.curation.config import OutputConfig
 from vlp.data.schema import (
     DROPS_DIR,
     DROPS_SCHEMA,
-    IMAGE_TEXT_SCHEMA,
     MANIFEST_FILE,
     PARTS_DIR,
     PIXEL_COLUMNS,
     REJECTS_FILE,
     SCHEMA_VERSION,
     STATS_FILE,
+    STATUS_COMPLETE,
+    ShardKind,
     drops_name,
     part_record_name,
     shard_name,
@@ -179,13 +180,13 @@ class ShardDatasink(Datasink):
     """Ray Data sink writing parts as described in the module docstring."""
 
     def __init__(self, output: str, storage: Storage, config: OutputConfig, tracker,
-                 schema: pa.Schema = IMAGE_TEXT_SCHEMA):
+                 kind: ShardKind = ShardKind.IMAGE_TEXT):
         """``tracker``: a ``pipelines.progress.RunTracker`` handle (part numbers and progress);
-        ``schema``: the shard schema (image-text or video-text)."""
+        ``kind``: what the shards hold (it gives their schema)."""
         self.output, self.storage, self.config = output, storage, config
         self.tracker = tracker
-        self.schema = schema
-        self.video = "video_id" in schema.names
+        self.schema = kind.schema
+        self.video = kind is ShardKind.VIDEO_TEXT
 
     @property
     def min_rows_per_write(self) -> int:
@@ -341,7 +342,7 @@ def summarize(records: list[dict]) -> dict:
 
 def finalize_output(output: str, storage: Storage, state: OutputState, *, config: dict,
                     config_hash: str, input_uri: str, reject_samples: int, extra: dict,
-                    schema: pa.Schema = IMAGE_TEXT_SCHEMA) -> dict:
+                    kind: ShardKind = ShardKind.IMAGE_TEXT) -> dict:
     """Write ``_manifest.json``, ``_stats.json`` and ``_rejects.jsonl`` from the committed parts."""
     stats = summarize(state.records)
     stats.update(extra)
@@ -349,12 +350,12 @@ def finalize_output(output: str, storage: Storage, state: OutputState, *, config
               for r in state.records if r.get("shard")]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "status": "complete",
-        "kind": "video-text" if "video_id" in schema.names else "image-text",
+        "status": STATUS_COMPLETE,
+        "kind": kind.value,
         "input": input_uri,
         "config": config,
         "config_hash": config_hash,
-        "columns": schema.names,
+        "columns": kind.schema.names,
         "num_rows": stats["rows_written"],
         "num_bytes": stats["bytes_written"],
         "shards": shards,

@@ -21,13 +21,14 @@ import pyarrow as pa
 from pipelines.curation_job import CurationError, mark_duplicates, report_batch, run_curation
 from pipelines.sources import InputError
 from vlp.curation.config import VideoCurationConfig
-from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher, FetchDropError
+from vlp.curation.drops import DropError
+from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher
 from vlp.curation.filters import build_filters
 from vlp.curation.pair import check_caption
 from vlp.curation.text import warm_up
 from vlp.curation.video import VideoResult
 from vlp.curation.video_worker import VideoDecodePool
-from vlp.data.schema import VIDEO_TEXT_SCHEMA
+from vlp.data.schema import VIDEO_TEXT_SCHEMA, ShardKind
 from vlp.data.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class VideoTextProcessor:
                 return [_drop(key, source, verdict.caption, verdict.drop_reason, verdict.drop_detail)]
             try:
                 media = self._media(raw)
-            except FetchDropError as e:
+            except DropError as e:
                 return [_drop(key, source, verdict.caption, e.reason, e.detail)]
             segment = None
             if raw.get("start") is not None or raw.get("end") is not None:
@@ -153,8 +154,7 @@ def run_video_curation(src: str, output: str, config: VideoCurationConfig, *, re
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.
     """
     return run_curation(src, output, config, media="video", processor=VideoTextProcessor,
-                        shard_schema=VIDEO_TEXT_SCHEMA, done_column="video_id", resume=resume,
-                        stream=stream)
+                        kind=ShardKind.VIDEO_TEXT, resume=resume, stream=stream)
 
 
 __all__ = ["run_video_curation", "CurationError", "InputError", "VideoTextProcessor", "clip_rows"]

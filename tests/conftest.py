@@ -46,6 +46,20 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def ffmpeg_exe() -> str | None:
+    """The ffmpeg program that makes the video test cases: ``ffmpeg`` on PATH, else the static build
+    that the imageio-ffmpeg wheel (a test extra) ships; None with neither."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):  # not installed, or no binary for this platform
+        return None
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """Stop a server we started (its own process group, by PID)."""
     if proc.poll() is not None:

@@ -30,7 +30,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from vlp.ops.cluster import DATA_NODE_RESOURCE, NODE_TYPES, load_yaml
+from pipelines.cluster_config import DATA_NODE_RESOURCE, NODE_TYPES, load_yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_CONFIG = os.path.join(ROOT, "ray_configs", "clusters", "aws.yaml")

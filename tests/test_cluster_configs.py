@@ -17,7 +17,7 @@ import shlex
 import pytest
 
 from vlp.config import ConfigError, load_config
-from vlp.ops.cluster import (
+from pipelines.cluster_config import (
     DATA_NODE_RESOURCE,
     NODE_TYPES,
     JobSpec,
@@ -221,7 +221,7 @@ def _vlp_commands(entrypoint: str) -> list[list[str]]:
 
 def test_job_entrypoint_is_a_vlp_command_whose_config_loads(job, monkeypatch):
     """Run from the repository root (the working_dir): --config files exist, --set keys exist."""
-    from vlp.cli import build_parser
+    from pipelines.cli import build_parser
     from vlp.curation.config import CurationConfig, VideoCurationConfig
     from vlp.train.config import TrainConfig
 

@@ -238,7 +238,7 @@ def test_output_must_be_empty_unless_resuming(ray_cluster, samples, tmp_path):
 
 
 def test_cli_reports_bad_config_in_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "curate", "images", "--input", "x",
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "curate", "images", "--input", "x",
                         "--output", str(tmp_path / "o"), "--set", "image.sise=3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
@@ -251,7 +251,7 @@ def test_killed_run_resumes_and_writes_each_key_once(samples, tmp_path, cli_env)
 
     big = generate_image_text_samples(str(tmp_path / "big"), 400, seed=7, broken=True)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "vlp.cli", "curate", "images", "--input", big.manifest,
+    cmd = [sys.executable, "-m", "pipelines.cli", "curate", "images", "--input", big.manifest,
            "--output", out, "--set", "output.shard_rows=8", "--set", "execution.batch_size=4",
            "--set", "input.rows_per_block=8", "--set", "execution.progress_interval_s=1"]
     env = cli_env

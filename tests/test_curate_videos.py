@@ -250,7 +250,7 @@ def test_killed_run_resumes_and_writes_each_clip_once(tmp_path, cli_env):
     """SIGKILL the whole CLI process group mid-run, then --resume: the same outcome as one clean run."""
     big = generate_video_text_samples(str(tmp_path / "big"), 60, seed=7, broken=True)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "vlp.cli", "curate", "videos", "--input", big.manifest,
+    cmd = [sys.executable, "-m", "pipelines.cli", "curate", "videos", "--input", big.manifest,
            "--output", out, "--set", "output.shard_rows=4", "--set", "execution.batch_size=2",
            "--set", "input.rows_per_block=4", "--set", "execution.progress_interval_s=1",
            "--set", "video.frame.size=64"]

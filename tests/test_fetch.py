@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from vlp.curation.fetch import FetchConfig, FetchDropError, Fetcher
+from vlp.curation.drops import DropError
+from vlp.curation.fetch import FetchConfig, Fetcher
 from vlp.data.storage import Storage
 
 
@@ -22,7 +23,7 @@ def _fetcher(**kw):
 
 
 def _reason(fetcher, url):
-    with pytest.raises(FetchDropError) as e:
+    with pytest.raises(DropError) as e:
         fetcher.fetch(url)
     return e.value.reason
 
@@ -85,10 +86,10 @@ def test_local_file_checks_like_fetch_without_reading(tmp_path):
     assert f.local_file(str(small)) == str(small)
     for path, reason in ((big, "too_large"), (tmp_path / "nope.mp4", "file_not_found"),
                          (tmp_path, "file_not_found")):
-        with pytest.raises(FetchDropError) as e:
+        with pytest.raises(DropError) as e:
             f.local_file(str(path))
         assert e.value.reason == reason
         if path != tmp_path:  # fetch agrees on the same files
-            with pytest.raises(FetchDropError) as e2:
+            with pytest.raises(DropError) as e2:
                 f.fetch(str(path))
             assert e2.value.reason == reason

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vlp.curation.drops import DropError
 from vlp.curation.image import (
     ImageConfig,
-    ImageDropError,
     decode_image,
     hamming_distance,
     perceptual_hash,
@@ -75,7 +75,7 @@ def test_phash_is_stable_under_reencoding_and_far_for_other_images():
     (b"<html>nope</html>", "not_an_image"),
 ])
 def test_probe_rejects_non_images_with_a_reason(data, reason):
-    with pytest.raises(ImageDropError) as e:
+    with pytest.raises(DropError) as e:
         probe_image(data, 10**8)
     assert e.value.reason == reason
 
@@ -83,7 +83,7 @@ def test_probe_rejects_non_images_with_a_reason(data, reason):
 def test_decompression_bomb_is_refused_from_the_header():
     data = _bytes(Image.new("1", (5000, 5000)), optimize=True)
     assert len(data) < 100_000
-    with pytest.raises(ImageDropError) as e:
+    with pytest.raises(DropError) as e:
         probe_image(data, 20_000_000)
     assert e.value.reason == "decompression_bomb"
 
@@ -91,7 +91,7 @@ def test_decompression_bomb_is_refused_from_the_header():
 def test_truncated_jpeg_is_a_corrupt_image():
     data = _bytes(_gradient(), "JPEG")
     probed = probe_image(data[: len(data) // 2], 10**8)
-    with pytest.raises(ImageDropError) as e:
+    with pytest.raises(DropError) as e:
         decode_image(probed, ImageConfig())
     assert e.value.reason == "corrupt_image"
 
@@ -286,7 +286,7 @@ def test_jpegs_simplejpeg_refuses_get_pillows_verdict():
     assert np.array_equal(fast, slow)
     from vlp.curation.image import decode_pixels
 
-    with pytest.raises(ImageDropError) as e:  # truncated: corrupt either way
+    with pytest.raises(DropError) as e:  # truncated: corrupt either way
         decode_pixels(probe_image(data[: len(data) // 2], 10**8), ImageConfig())
     assert e.value.reason == "corrupt_image"
 

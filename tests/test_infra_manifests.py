@@ -1,6 +1,10 @@
 """The deployment files of infra/, checked offline: the KubeRay manifests against the CRDs of KubeRay
-v1.7.0 (shared/kuberay-crds) with unknown fields rejected, their secrets only by reference, the
-image and versions they name, the commands they run, and the Dockerfile and MLflow server files.
+v1.7.0 with unknown fields rejected, their secrets only by reference, the image and versions they
+name, the commands they run, and the Dockerfile and MLflow server files.
+
+The CRDs are not in the repository: they are read from the folder that ``VLP_KUBERAY_CRDS`` names, else
+from ``shared/kuberay-crds`` beside the clone (CI's layout). Without either, the checks that need them
+skip, saying how to enable them; every other check runs.
 
 Kubernetes prunes unknown fields of a custom resource without a word, so a typo (``minReplica``) would
 apply cleanly and do nothing. The validator here is strict instead: every object schema that lists
@@ -25,13 +29,37 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFRA = os.path.join(ROOT, "infra")
-CRD_DIR = os.environ.get("VLP_KUBERAY_CRDS",
-                         os.path.join(os.path.dirname(ROOT), "shared", "kuberay-crds"))
+CRD_ENV = "VLP_KUBERAY_CRDS"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 MANIFESTS = sorted(glob.glob(os.path.join(INFRA, "kuberay", "*.yaml")))
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
 PLACEHOLDER = "REPLACE-ME"
 KUBERAY_AUTH_TOKEN_KEY = "auth_token"  # KubeRay's RAY_AUTH_TOKEN_SECRET_KEY
+
+
+def kuberay_crd_dir(environ=os.environ, root: str = ROOT) -> str | None:
+    """The folder with the KubeRay CRDs: ``$VLP_KUBERAY_CRDS``, else ``shared/kuberay-crds`` beside the
+    repository; the first that holds every file of ``CRD_FILES``, None where neither does."""
+    candidates = [environ[CRD_ENV]] if environ.get(CRD_ENV) else []
+    candidates.append(os.path.join(os.path.dirname(root), "shared", "kuberay-crds"))
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, name)) for name in CRD_FILES.values()):
+            return folder
+    return None
+
+
+CRD_DIR = kuberay_crd_dir()
+NO_CRDS = (f"KubeRay CRDs not found: set {CRD_ENV} to a folder with the KubeRay v1.7.0 CRDs "
+           f"({', '.join(sorted(CRD_FILES.values()))} from ray-operator/config/crd/bases/ of "
+           "ray-project/kuberay at tag v1.7.0, and a README.md naming v1.7.0), or put them in "
+           "shared/kuberay-crds beside the repository")
+
+
+def _crd_dir() -> str:
+    """The CRD folder, or skip the calling test (it needs the CRDs) with how to enable it."""
+    if CRD_DIR is None:
+        pytest.skip(NO_CRDS)
+    return CRD_DIR
 
 
 def _read(path: str) -> str:
@@ -127,12 +155,8 @@ CORE_SCHEMAS = {  # the parts of core/v1 Secret and ConfigMap that templates may
 
 @functools.cache
 def _crd_version(kind: str) -> dict:
-    """The served storage version of the kind's CRD."""
-    path = os.path.join(CRD_DIR, CRD_FILES[kind])
-    if not os.path.exists(path):
-        pytest.fail(f"KubeRay CRDs not found at {CRD_DIR} (shared/kuberay-crds beside the repository, "
-                    "or set VLP_KUBERAY_CRDS)")
-    (crd,) = _load_yaml_docs(path)
+    """The served storage version of the kind's CRD (skips the calling test without the CRDs)."""
+    (crd,) = _load_yaml_docs(os.path.join(_crd_dir(), CRD_FILES[kind]))
     (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
     return {"group": crd["spec"]["group"], **version}
 
@@ -429,12 +453,39 @@ def test_images_versions_and_api_version_are_the_documented_ones():
         for name, container in _containers(spec):
             assert container["image"] == image, (where, name)
     readme = _read(os.path.join(INFRA, "README.md"))
-    crd_readme = _read(os.path.join(CRD_DIR, "README.md"))
-    assert "KubeRay v1.7.0" in readme and "v1.7.0" in crd_readme and "`ray.io/v1`" in readme
+    assert "KubeRay v1.7.0" in readme and "`ray.io/v1`" in readme
+
+
+def test_the_crds_validated_against_are_the_documented_kuberay_release():
+    crd_readme = os.path.join(_crd_dir(), "README.md")
+    assert os.path.isfile(crd_readme), f"{crd_readme}: the README naming the KubeRay release of the CRDs"
+    assert "KubeRay v1.7.0" in _read(os.path.join(INFRA, "README.md")) and "v1.7.0" in _read(crd_readme)
+
+
+def test_the_crds_are_found_through_the_variable_then_beside_the_repository(tmp_path):
+    """A fresh clone has no shared/ beside it: the lookup says so (the CRD checks then skip) instead
+    of failing, and VLP_KUBERAY_CRDS, where set to a folder with the CRDs, comes first."""
+    root = tmp_path / "clone"
+    root.mkdir()
+    mine, shared = tmp_path / "mine", tmp_path / "shared" / "kuberay-crds"
+    mine.mkdir()
+    assert kuberay_crd_dir({}, str(root)) is None
+    assert kuberay_crd_dir({CRD_ENV: str(tmp_path / "missing")}, str(root)) is None
+    assert kuberay_crd_dir({CRD_ENV: str(mine)}, str(root)) is None  # empty
+    (mine / CRD_FILES["RayCluster"]).write_text("{}")
+    assert kuberay_crd_dir({CRD_ENV: str(mine)}, str(root)) is None  # incomplete
+    shared.mkdir(parents=True)
+    for name in CRD_FILES.values():
+        (shared / name).write_text("{}")
+    assert kuberay_crd_dir({}, str(root)) == str(shared)
+    assert kuberay_crd_dir({CRD_ENV: str(mine)}, str(root)) == str(shared)
+    (mine / CRD_FILES["RayJob"]).write_text("{}")
+    assert kuberay_crd_dir({CRD_ENV: str(mine)}, str(root)) == str(mine)
+    assert "VLP_KUBERAY_CRDS" in NO_CRDS and "v1.7.0" in NO_CRDS
 
 
 def test_job_entrypoints_are_commands_the_cli_accepts_with_existing_config_keys():
-    from vlp.cli import build_parser
+    from pipelines.cli import build_parser
     from vlp.config import load_config
     from vlp.curation.config import CurationConfig
     from vlp.train.config import TrainConfig

@@ -105,7 +105,7 @@ def _check_run(data: dict, method: str, metrics: dict) -> None:
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "snp_s3"])
 def test_a_seed_method_recipe_trains_and_logs_to_mlflow(method, data, tmp_path):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     config = load_config(TrainConfig, os.path.join(METHODS_DIR, f"{method}.yaml"),
                          _overrides(method, data, tmp_path))
@@ -115,12 +115,12 @@ def test_a_seed_method_recipe_trains_and_logs_to_mlflow(method, data, tmp_path):
 
 def test_snp_s3_runs_from_the_command_line_after_the_significant_words_step(data, tmp_path, cli_env):
     env = {k: v for k, v in cli_env.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user's
-    done = subprocess.run([sys.executable, "-m", "vlp.cli", "significant-words", "--shards", data["clips"]],
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "significant-words", "--shards", data["clips"]],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert os.path.exists(os.path.join(data["clips"], "_significant_words.json"))
     sets = [f"--set={item}" for item in _overrides("snp_s3", data, tmp_path)]
-    done = subprocess.run([sys.executable, "-m", "vlp.cli", "train", "--config",
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--config",
                            os.path.join(METHODS_DIR, "snp_s3.yaml"), *sets, "--set=scaling.cpus_per_worker=0.25"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

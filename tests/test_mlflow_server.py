@@ -232,7 +232,7 @@ def test_a_training_run_logs_to_the_team_server_postgres_s3_and_basic_auth(
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                  "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "vlp.cli", "train", "--config", str(recipe),
+    command = [sys.executable, "-m", "pipelines.cli", "train", "--config", str(recipe),
                "--set", f"tracking.tracking_uri={mlflow_server.url}"]
 
     # Without credentials the server refuses the driver before any Ray worker starts.

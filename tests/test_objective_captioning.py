@@ -14,7 +14,7 @@ from vlp.config import ConfigError
 from vlp.data.tokenizer import TokenizerConfig, tokenize_captions, train_tokenizer
 from vlp.data.transforms import LANGUAGE_CODES, decode_media, language_codes, pixels_to_model
 from vlp.eval.captioning import decode_captions, evaluate_captioning
-from vlp.eval.zero_shot import PairSet
+from vlp.eval.pairs import PairSet
 from vlp.models import DualEncoder, DualEncoderConfig, EncoderConfig
 from vlp.objectives.base import parse_objectives
 from vlp.objectives.captioning import CaptioningObjective  # registers "captioning"

@@ -12,10 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlp.config import ConfigError, from_dict
+from vlp.config import ConfigError, from_dict, to_dict
 from vlp.models import DualEncoder, DualEncoderConfig
 from vlp.objectives import OBJECTIVES, parse_objectives
-from vlp.objectives.pretraining import MaskingConfig, PretrainingModel, check_plan, plan_pass
+from vlp.objectives.pretraining import (MaskingConfig, PretrainingModel, check_objectives, check_plan,
+                                        plan_pass)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -121,6 +122,35 @@ def test_objectives_that_cannot_work_are_refused_at_load_time(section, masking, 
     with pytest.raises(ConfigError, match=message):
         masking_cfg = from_dict(MaskingConfig, masking)
         check_plan(plan_pass(parse_objectives(section), masking_cfg), _model_cfg(4, **model), masking_cfg)
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_each_objective_config_is_typed_once_and_round_trips(name):
+    """``parse_objectives`` types a section and passes typed configs through, and a typed config's
+    plain form (a worker's JSON payload) parses back to an equal one; its setup passes the load-time
+    checks."""
+    section, masking, model = SETUPS[name]
+    parsed = parse_objectives(section)
+    assert all(isinstance(cfg, OBJECTIVES.get(n).Config) for n, cfg in parsed.items())
+    assert parse_objectives(parsed) == parsed
+    assert parse_objectives(to_dict(parsed)) == parsed
+    check_objectives(parsed, _model_cfg(4, **model), from_dict(MaskingConfig, masking))
+
+
+@pytest.mark.parametrize("section,masking,model,message", [
+    ({"contrastive": {"loss": {"mode": "sigmoid"}}}, {}, {}, "sigmoid loss needs a learnable bias"),
+    ({"mae": {}}, {"vision": {"ratio": 0.5}}, {"image": {"name": "vit", "preset": "tiny"}},
+     "tower that encodes visible patches"),
+    ({"mae": {"source": "fused"}}, {"vision": {"ratio": 0.5}}, {"fusion": {"layers": 1, "mode": "cross"}},
+     "joint"),
+    ({"captioning": {"decoder_heads": 5}}, {}, {}, "decoder width 128 is not a multiple"),
+])
+def test_objective_checks_against_the_model_run_before_any_forward(section, masking, model, message):
+    """What used to fail in a worker's first forward pass or build fails in ``check_objectives`` (run
+    by ``TrainConfig`` at load time)."""
+    masking_cfg = from_dict(MaskingConfig, masking)
+    with pytest.raises(ConfigError, match=message):
+        check_objectives(parse_objectives(section), _model_cfg(4, **model), masking_cfg)
 
 
 def test_visual_masking_needs_a_tower_that_drops_patches():

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_quickstart_curates_trains_evaluates_and_learns(tmp_path, cli_env):
     workdir = tmp_path / "qs"
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "quickstart", "--workdir", str(workdir)],
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "quickstart", "--workdir", str(workdir)],
                        capture_output=True, text=True, timeout=900, env=cli_env)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "(learned)" in r.stdout

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from vlp.config import ConfigError
-from vlp.curation.significant_words import (SIGNIFICANT_WORDS_FILE, SignificantWordsConfig,
-                                            compute_significant_words, load_significant_words,
-                                            significant_word_ids, write_significant_words)
+from vlp.curation.significant_words import (SignificantWordsConfig, compute_significant_words,
+                                            write_significant_words)
+from vlp.data.schema import SCHEMA_VERSION
+from vlp.data.significant_words import (SIGNIFICANT_WORDS_FILE, load_significant_words,
+                                        significant_word_ids)
 from vlp.data.synthetic import random_spec
 from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
 
@@ -233,8 +235,9 @@ def _write_shard_folder(folder, captions):
     os.makedirs(folder)
     pq.write_table(pa.table({"caption": captions}), os.path.join(folder, "shard-000000.parquet"))
     with open(os.path.join(folder, "_manifest.json"), "w") as f:
-        json.dump({"status": "complete", "shards": [{"name": "shard-000000.parquet",
-                                                     "rows": len(captions), "bytes": 0}]}, f)
+        json.dump({"schema_version": SCHEMA_VERSION, "kind": "image-text", "status": "complete",
+                   "shards": [{"name": "shard-000000.parquet", "rows": len(captions), "bytes": 0}]},
+                  f)
 
 
 @pytest.fixture
@@ -280,13 +283,13 @@ def test_folders_without_manifest_or_captions_or_words_fail_clearly(tmp_path):
 
 def test_cli_saves_and_summarises_or_fails_in_one_line(shards, tmp_path):
     folder, _ = shards
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "significant-words", "--shards", folder,
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "significant-words", "--shards", folder,
                         "--top-k", "5"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     words = load_significant_words(folder)
     assert len(words) == 5 and "5 significant words" in r.stdout
     top = r.stdout.split("top 20: ")[1].strip().split(", ")
     assert [entry.split(" (")[0] for entry in top] == words  # most frequent first, with counts
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "significant-words", "--shards",
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "significant-words", "--shards",
                         str(tmp_path / "missing")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "_manifest.json" in r.stderr and "Traceback" not in r.stderr

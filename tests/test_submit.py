@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import free_port
-from vlp.cli import build_parser
-from vlp.jobs.submit import (DEFAULT_ADDRESS, ClusterConfig, JobConfig, SubmitError,
+from pipelines.cli import build_parser
+from pipelines.submit import (DEFAULT_ADDRESS, ClusterConfig, JobConfig, SubmitError,
                              job_config_from_args, submit)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -220,7 +220,7 @@ def vlp(head: RayHead, *args: str, token: str | None = "head", home: str,
         timeout: float = 180) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, against the test head (token="head" means the right one)."""
     env = _cli_env(home, head.token if token == "head" else token)
-    return subprocess.run([sys.executable, "-m", "vlp.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -279,7 +279,7 @@ def test_ctrl_c_detaches_then_stop_ends_the_job_as_stopped(ray_head, workdir, tm
     """Ctrl-C leaves the job running (exit 130); ``jobs stop`` makes it STOPPED; following exits 130."""
     job_id = f"vlp-sleep-{secrets.token_hex(3)}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlp.cli", "submit", "--address", ray_head.address, "--working-dir",
+        [sys.executable, "-m", "pipelines.cli", "submit", "--address", ray_head.address, "--working-dir",
          str(workdir), "--submission-id", job_id, "--", "python", "-c",
          "import time; print('now' + ' sleeping', flush=True); time.sleep(300)"],
         cwd=REPO, env=_cli_env(str(tmp_path), ray_head.token), stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ from vlp.curation.dedup import DedupConfig
 from vlp.curation.filters import CaptionItem, CaptionLengthFilter, LanguageFilter
 from vlp.curation.image import hamming_distance, perceptual_hash
 from vlp.curation.text import normalize_caption
-from vlp.data.synthetic import COLOURS
+from vlp.data.sample_vocabulary import COLOURS
 from vlp.data.synthetic_video import (
     MOTIONS,
     VideoSpec,
@@ -231,7 +231,7 @@ def test_captions_are_in_their_language_and_pass_the_caption_filters(samples):
 
 def test_all_english_and_all_chinese_captions_pass_the_language_filter():
     """Any colour, shape and motion the generator can draw gets a caption in the language it claims."""
-    from vlp.data.synthetic_video import VIDEO_COLOURS, VIDEO_SHAPES
+    from vlp.data.sample_vocabulary import VIDEO_COLOURS, VIDEO_SHAPES
 
     language = LanguageFilter()
     for colour in VIDEO_COLOURS:

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from vlp.config import ConfigError
+from vlp.data.schema import SCHEMA_VERSION
 from vlp.data.synthetic import random_spec
 from vlp.data.tokenizer import (TOKENIZER_DIR, TokenizerConfig, load_tokenizer, tokenize_captions,
                                 tokenizer_version, train_tokenizer, train_tokenizer_for_shards)
@@ -53,7 +54,8 @@ def _write_shards(folder, captions):
         pq.write_table(pa.table({"caption": part}), os.path.join(folder, name))
         shards.append({"name": name, "rows": len(part), "bytes": 0})
     with open(os.path.join(folder, "_manifest.json"), "w") as f:
-        json.dump({"status": "complete", "shards": shards}, f)
+        json.dump({"schema_version": SCHEMA_VERSION, "kind": "image-text", "status": "complete",
+                   "shards": shards}, f)
 
 
 def test_tokenizer_is_saved_beside_the_shards_with_a_content_version(tmp_path):

@@ -71,7 +71,7 @@ def _mlflow(tmp_path):
 
 
 def test_a_run_logs_everything_to_one_mlflow_run_and_a_rerun_resumes_it(tmp_path, shards):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
     from vlp.train.tracking import RUN_NAME_TAG
 
     steps_per_epoch = _train_rows(shards) // (BATCH * 2)
@@ -115,7 +115,7 @@ def test_a_run_logs_everything_to_one_mlflow_run_and_a_rerun_resumes_it(tmp_path
 
 
 def test_eval_command_reproduces_the_final_evaluation(tmp_path, shards, cli_env):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     result = run_training(_config(tmp_path, shards, "run_name=evalme", "schedule.epochs=1"))
     held_out = tmp_path / "held_out.json"
@@ -127,7 +127,7 @@ def test_eval_command_reproduces_the_final_evaluation(tmp_path, shards, cli_env)
     os.symlink(os.path.join(shards["curated"], manifest["shards"][0]["name"]),
                folder / manifest["shards"][0]["name"])
     (folder / "_manifest.json").write_text(json.dumps(manifest))
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "eval", "--checkpoint", result.checkpoint,
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "--checkpoint", result.checkpoint,
                         "--data", str(folder), "--classification", shards["classes"],
                         "--output", str(held_out)], capture_output=True, text=True, timeout=300,
                        env=cli_env)
@@ -135,14 +135,14 @@ def test_eval_command_reproduces_the_final_evaluation(tmp_path, shards, cli_env)
     ours = json.load(open(held_out))
     for key in ("retrieval/i2t_R1", "retrieval/mean_recall", "zeroshot_en/top1", "zeroshot_zh/top1"):
         assert ours[key] == pytest.approx(result.metrics[key], abs=1e-6), key
-    bad = subprocess.run([sys.executable, "-m", "vlp.cli", "eval", "--checkpoint", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "--checkpoint", str(tmp_path)],
                          capture_output=True, text=True, timeout=120, env=cli_env)
     assert bad.returncode == 2 and "not a training checkpoint" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
 def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_path, shards):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     pid_dir = tmp_path / "pids"
     cfg = _config(tmp_path, shards, "run_name=killed", "schedule.epochs=4",
@@ -165,7 +165,7 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tm
 
 
 def test_a_changed_world_size_resumes_with_the_learning_rate_and_negatives_it_implies(tmp_path, shards):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     first = run_training(_config(tmp_path, shards, "run_name=elastic", "schedule.max_steps=4",
                                  "optim.warmup_steps=0", "optim.min_lr_ratio=1.0"))
@@ -190,7 +190,7 @@ def test_a_changed_world_size_resumes_with_the_learning_rate_and_negatives_it_im
 
 
 def test_an_elastic_run_trains_with_the_workers_it_gets(tmp_path, shards):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     result = run_training(_config(tmp_path, shards, "run_name=elastic-range", "scaling.min_workers=1",
                                   "scaling.num_workers=2", "schedule.max_steps=4"))
@@ -200,7 +200,7 @@ def test_an_elastic_run_trains_with_the_workers_it_gets(tmp_path, shards):
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, shards):
-    from vlp.train.launch import TrainingError, run_training
+    from pipelines.train_job import TrainingError, run_training
 
     with pytest.raises(TrainingError, match="non-finite loss at step"):
         run_training(_config(tmp_path, shards, "run_name=nan", "optim.lr=1.0e+30",
@@ -209,7 +209,7 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error(tmp_path, shards):
 
 def test_training_streams_shards_from_s3(tmp_path, shards, s3_server, monkeypatch):
     from vlp.data.storage import Storage
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     storage = s3_server.storage()
     local = Storage()
@@ -231,7 +231,7 @@ def test_training_streams_shards_from_s3(tmp_path, shards, s3_server, monkeypatc
 def test_workers_that_leave_no_cpu_for_the_input_pipeline_fail_clearly(tmp_path, shards, cli_env):
     """On the embedded 2-CPU Ray, 2 workers x 1 CPU would starve Ray Data: a one-line error, no
     hang, and no MLflow run left behind."""
-    r = subprocess.run([sys.executable, "-m", "vlp.cli", "train", "--set",
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--set",
                         f"data.train={shards['curated']}", "--set", "scaling.cpus_per_worker=1"],
                        capture_output=True, text=True, timeout=300, env=cli_env, cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]

@@ -4,7 +4,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipelines.train_data import ShardSplit, plan_pass
+from vlp.train.shard_plan import ShardSplit, plan_shard_reads
 
 
 def _split(**mix) -> ShardSplit:
@@ -13,7 +13,7 @@ def _split(**mix) -> ShardSplit:
 
 
 def test_every_training_file_once_per_epoch_in_a_new_order():
-    reads = plan_pass(_split(), 4, np.random.default_rng(0))
+    reads = plan_shard_reads(_split(), 4, np.random.default_rng(0))
     assert len(reads) == 12 and all(r["rows"] == -1 and r["kind"] == "video-text" for r in reads)
     epochs = [[r["path"] for r in reads[i:i + 3]] for i in range(0, 12, 3)]
     assert all(sorted(e) == ["t0", "t1", "t2"] for e in epochs)
@@ -23,7 +23,7 @@ def test_every_training_file_once_per_epoch_in_a_new_order():
 def test_the_mix_takes_its_share_of_every_epoch():
     split = _split(mix_files=["m0", "m1"], mix_file_rows=[40, 70], mix_rows=110, mix_kind="image-text",
                    mix_per_epoch=100)
-    reads = plan_pass(split, 3, np.random.default_rng(1))
+    reads = plan_shard_reads(split, 3, np.random.default_rng(1))
     rows = {"m0": 40, "m1": 70}
     seen = 0
     for r in reads:

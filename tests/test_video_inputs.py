@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlp.data.transforms import decode_clip, decode_media, frame_indices, pixels_to_model
-from vlp.eval.zero_shot import encode_images, shuffled_order
+from vlp.eval.pairs import encode_images, shuffled_order
 from vlp.models import DualEncoder
 from vlp.models.config import DualEncoderConfig, EncoderConfig
 

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from vlp.config import ConfigError
-from vlp.data.synthetic import COLOURS, SHAPES
-from vlp.data.synthetic_video import MOTIONS, VIDEO_COLOURS, VIDEO_SHAPES, VideoSpec
+from vlp.data.sample_vocabulary import COLOURS, SHAPES, VIDEO_COLOURS, VIDEO_SHAPES
+from vlp.data.synthetic_video import MOTIONS, VideoSpec
 from vlp.data.tokenizer import TokenizerConfig, tokenize_captions, train_tokenizer
 from vlp.data.transforms import decode_media, pixels_to_model
+from vlp.eval.pairs import PairSet
 from vlp.eval.video_qa import build_questions, evaluate_video_qa, score_questions
-from vlp.eval.zero_shot import PairSet
 from vlp.models import DualEncoder
 from vlp.models.config import DualEncoderConfig, EncoderConfig, FusionConfig
 from vlp.objectives import mlm as _mlm  # noqa: F401  (registers "mlm")

@@ -62,7 +62,7 @@ def _config(tmp_path, data, *overrides) -> TrainConfig:
 
 
 def test_a_video_tower_learns_the_order_of_frames(data, tmp_path):
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     result = run_training(_config(tmp_path, data))
     m = result.metrics
@@ -98,7 +98,7 @@ def _reversal_accuracy(checkpoint: str, data: dict) -> float:
     import torch
 
     from vlp.data.synthetic_video import reverse_caption_pairs
-    from vlp.eval.zero_shot import encode_images, encode_texts
+    from vlp.eval.pairs import encode_images, encode_texts
     from vlp.train.checkpoint import load_trained_model
 
     model, tokenizer, config = load_trained_model(checkpoint)
@@ -130,7 +130,7 @@ def _reversal_accuracy(checkpoint: str, data: dict) -> float:
 def test_images_mixed_into_a_video_run(data, tmp_path):
     import mlflow
 
-    from vlp.train.launch import run_training
+    from pipelines.train_job import run_training
 
     train_clips = json.load(open(os.path.join(data["clips"], "_manifest.json")))["num_rows"]
     cfg = _config(tmp_path, data, f"data.mix={data['images']}", "data.mix_fraction=0.25",

@@ -1,6 +1,6 @@
 """Fetching source bytes: HTTP(S) URLs with retries and limits, local paths and ``s3://`` objects.
 
-``Fetcher.fetch(source)`` returns bytes or raises ``FetchDropError`` with a drop reason. HTTP policy:
+``Fetcher.fetch(source)`` returns bytes or raises ``DropError`` with a drop reason. HTTP policy:
 
 - time-outs (connect and read) and 5xx answers are retried with exponential backoff;
 - 4xx answers are final (the resource is gone or forbidden; asking again wastes the server's time);
@@ -27,6 +27,7 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
 )
 
+from vlp.curation.drops import DropError
 from vlp.data.storage import Storage
 
 
@@ -61,14 +62,6 @@ class FetchConfig:
             raise ValueError("fetch.threads must be >= 1")
 
 
-class FetchDropError(Exception):
-    """A source that could not be fetched; ``reason`` is the counted drop reason."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
 
 _RETRYABLE = (ReadTimeoutError, ConnectTimeoutError, NewConnectionError, ProtocolError)
 
@@ -98,11 +91,11 @@ class Fetcher:
         try:
             return self.storage.read_bytes(source, max_bytes=self.config.max_bytes)
         except FileNotFoundError:
-            raise FetchDropError("file_not_found", source) from None
+            raise DropError("file_not_found", source) from None
         except ValueError as e:
-            raise FetchDropError("too_large", str(e)) from None
+            raise DropError("too_large", str(e)) from None
         except OSError as e:
-            raise FetchDropError("read_error", str(e)[:200]) from None
+            raise DropError("read_error", str(e)[:200]) from None
 
     def local_file(self, path: str) -> str:
         """``path`` after the checks ``fetch`` makes, without reading it: for readers that open files
@@ -110,13 +103,13 @@ class Fetcher:
         try:
             info = os.stat(path)
         except FileNotFoundError:
-            raise FetchDropError("file_not_found", path) from None
+            raise DropError("file_not_found", path) from None
         except OSError as e:
-            raise FetchDropError("read_error", str(e)[:200]) from None
+            raise DropError("read_error", str(e)[:200]) from None
         if not stat.S_ISREG(info.st_mode):
-            raise FetchDropError("file_not_found", f"{path} is not a file")
+            raise DropError("file_not_found", f"{path} is not a file")
         if info.st_size > self.config.max_bytes:
-            raise FetchDropError("too_large", f"file larger than {self.config.max_bytes} bytes")
+            raise DropError("too_large", f"file larger than {self.config.max_bytes} bytes")
         return path
 
     def _fetch_http(self, url: str) -> bytes:
@@ -125,7 +118,7 @@ class Fetcher:
         while True:
             try:
                 return self._get_following_redirects(url)
-            except FetchDropError as e:
+            except DropError as e:
                 retryable = e.reason in ("http_5xx", "http_timeout", "connection_error")
                 if not retryable or attempt >= cfg.retries:
                     raise
@@ -139,29 +132,29 @@ class Fetcher:
             try:
                 resp = self._http.request("GET", url, preload_content=False, redirect=False)
             except NewConnectionError as e:  # before ConnectTimeoutError: urllib3 subclasses it
-                raise FetchDropError("connection_error", str(e)[:200]) from None
+                raise DropError("connection_error", str(e)[:200]) from None
             except (ReadTimeoutError, ConnectTimeoutError) as e:
-                raise FetchDropError("http_timeout", str(e)[:200]) from None
+                raise DropError("http_timeout", str(e)[:200]) from None
             except (MaxRetryError, ProtocolError) as e:
                 if isinstance(getattr(e, "reason", None), (ReadTimeoutError, ConnectTimeoutError)):
-                    raise FetchDropError("http_timeout", str(e)[:200]) from None
-                raise FetchDropError("connection_error", str(e)[:200]) from None
+                    raise DropError("http_timeout", str(e)[:200]) from None
+                raise DropError("connection_error", str(e)[:200]) from None
             except (HTTPError, ValueError) as e:  # ValueError: malformed URL
-                raise FetchDropError("invalid_url", str(e)[:200]) from None
+                raise DropError("invalid_url", str(e)[:200]) from None
             complete = False
             try:
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers.get("Location")
                     if not location:
-                        raise FetchDropError("http_error", f"redirect {resp.status} without Location")
+                        raise DropError("http_error", f"redirect {resp.status} without Location")
                     url = urljoin(url, location)
                     continue
                 if 400 <= resp.status < 500:
-                    raise FetchDropError("http_4xx", f"HTTP {resp.status}")
+                    raise DropError("http_4xx", f"HTTP {resp.status}")
                 if resp.status >= 500:
-                    raise FetchDropError("http_5xx", f"HTTP {resp.status}")
+                    raise DropError("http_5xx", f"HTTP {resp.status}")
                 if resp.status != 200:
-                    raise FetchDropError("http_error", f"HTTP {resp.status}")
+                    raise DropError("http_error", f"HTTP {resp.status}")
                 body = self._read_body(resp)
                 complete = True
                 return body
@@ -171,23 +164,23 @@ class Fetcher:
                     # for the next request: close it instead of reusing it.
                     resp.close()
                 resp.release_conn()
-        raise FetchDropError("too_many_redirects", f"more than {cfg.max_redirects}")
+        raise DropError("too_many_redirects", f"more than {cfg.max_redirects}")
 
     def _read_body(self, resp) -> bytes:
         cap = self.config.max_bytes
         length = resp.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > cap:
-            raise FetchDropError("too_large", f"Content-Length {length} > {cap}")
+            raise DropError("too_large", f"Content-Length {length} > {cap}")
         chunks, total = [], 0
         try:
             for chunk in resp.stream(1 << 16):
                 total += len(chunk)
                 if total > cap:
-                    raise FetchDropError("too_large", f"body over {cap} bytes")
+                    raise DropError("too_large", f"body over {cap} bytes")
                 chunks.append(chunk)
         except ReadTimeoutError as e:
-            raise FetchDropError("http_timeout", str(e)[:200]) from None
+            raise DropError("http_timeout", str(e)[:200]) from None
         except _RETRYABLE as e:
-            raise FetchDropError("connection_error", str(e)[:200]) from None
+            raise DropError("connection_error", str(e)[:200]) from None
         return b"".join(chunks)
 

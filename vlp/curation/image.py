@@ -10,7 +10,7 @@ them and, for JPEG, simplejpeg (libjpeg-turbo's TurboJPEG API) decodes straight 
 Pillow's chunked decoder loop and its copy (``ImageConfig.jpeg_decoder``). Encoding stays with Pillow:
 simplejpeg's encoder uses libjpeg's fast integer DCT whatever it is asked, 0.9 dB lower PSNR at q95.
 
-Every failure raises ``ImageDropError`` with a drop reason, never a bare Pillow exception.
+Every failure raises ``DropError`` with a drop reason, never a bare Pillow exception.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vlp.curation.drops import DropError
 
 # Size limits are checked explicitly in probe_image against the configured max_pixels; Pillow's own
 # guard would otherwise raise or warn with its default limit first.
@@ -88,14 +90,6 @@ class ImageConfig:
             raise ValueError(f"image.quality must be in 1..100, got {self.quality}")
 
 
-class ImageDropError(Exception):
-    """An image that cannot be used; ``reason`` is the drop reason counted in the stats."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
-
 
 @dataclass
 class ProbedImage:
@@ -115,23 +109,23 @@ def probe_image(data: bytes, max_pixels: int) -> ProbedImage:
     """Open image bytes and read the header only.
 
     Raises:
-        ImageDropError: ``empty_file``, ``not_an_image``, ``decompression_bomb`` or ``corrupt_image``.
+        DropError: ``empty_file``, ``not_an_image``, ``decompression_bomb`` or ``corrupt_image``.
     """
     if not data:
-        raise ImageDropError("empty_file")
+        raise DropError("empty_file")
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageDropError("not_an_image", f"{len(data)} bytes, unknown format") from None
+        raise DropError("not_an_image", f"{len(data)} bytes, unknown format") from None
     except Image.DecompressionBombError as e:
-        raise ImageDropError("decompression_bomb", str(e)) from None
+        raise DropError("decompression_bomb", str(e)) from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageDropError("corrupt_image", str(e)[:200]) from None
+        raise DropError("corrupt_image", str(e)[:200]) from None
     w, h = im.size
     if w <= 0 or h <= 0:
-        raise ImageDropError("corrupt_image", f"size {w}x{h}")
+        raise DropError("corrupt_image", f"size {w}x{h}")
     if w * h > max_pixels:
-        raise ImageDropError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
+        raise DropError("decompression_bomb", f"{w}x{h} > {max_pixels} pixels")
     try:
         orientation = int(im.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block must not drop a decodable image
@@ -178,7 +172,7 @@ def decode_image(probed: ProbedImage, config: ImageConfig) -> Image.Image:
     """Decode to an upright RGB image, at a reduced scale when draft decoding allows it.
 
     Raises:
-        ImageDropError: ``corrupt_image`` for truncated or undecodable data.
+        DropError: ``corrupt_image`` for truncated or undecodable data.
     """
     im = probed.image
     try:
@@ -192,10 +186,10 @@ def decode_image(probed: ProbedImage, config: ImageConfig) -> Image.Image:
         if probed.orientation != 1:
             im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
-    except ImageDropError:
+    except DropError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
-        raise ImageDropError("corrupt_image", str(e)[:200]) from None
+        raise DropError("corrupt_image", str(e)[:200]) from None
 
 
 # EXIF orientation as array views (the inverse of how the camera stored the pixels), as
@@ -246,7 +240,7 @@ def decode_pixels(probed: ProbedImage, config: ImageConfig) -> np.ndarray:
     """``decode_image`` as an upright RGB uint8 array, by simplejpeg where ``config.jpeg_decoder`` allows.
 
     Raises:
-        ImageDropError: ``corrupt_image`` for truncated or undecodable data.
+        DropError: ``corrupt_image`` for truncated or undecodable data.
     """
     if config.jpeg_decoder == "simplejpeg":
         pixels = _decode_jpeg_fast(probed, config)

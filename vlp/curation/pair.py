@@ -16,9 +16,9 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
-from vlp.curation.fetch import FetchDropError
+from vlp.curation.drops import DropError
 from vlp.curation.filters import CaptionItem, FilterSet, ImageItem
-from vlp.curation.image import ImageConfig, ImageDropError, probe_image, render_image
+from vlp.curation.image import ImageConfig, probe_image, render_image
 from vlp.curation.text import TextConfig, identify_language, normalize_caption
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _curate(raw, key, source, fetch, settings: PairSettings, cpu_gate) -> dict:
     if data is None:
         try:
             data = fetch(source)
-        except FetchDropError as e:
+        except DropError as e:
             return _row(key, source, caption, e.reason, e.detail)
     try:
         probed = probe_image(data, settings.image.max_pixels)
@@ -110,7 +110,7 @@ def _curate(raw, key, source, fetch, settings: PairSettings, cpu_gate) -> dict:
         with cpu_gate:
             rendered = render_image(probed, settings.image)
             digest = hashlib.sha256(data).hexdigest()
-    except ImageDropError as e:
+    except DropError as e:
         return _row(key, source, caption, e.reason, e.detail)
     return _row(
         key, source, caption,

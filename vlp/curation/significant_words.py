@@ -4,9 +4,8 @@ Curation step (``write_significant_words``): read the ``caption`` column of a cu
 count words, keep those whose part of speech is wanted (nouns, verbs, adjectives by default) and
 that are not stop-like, and save the ``top_k`` most frequent in ``<shards>/_significant_words.json``
 (``vlp significant-words --shards DIR``).
-Training side (``significant_word_ids``): a pure function that marks, in a batch of tokenized
-captions, which tokens belong to which significant-word occurrence (masked significant semantic
-modelling masks them; local vision-word matching pools them per word).
+The training side (loading the list, finding the words again in tokenized captions) is
+``vlp/data/significant_words.py``: this module only picks them.
 
 Words and parts of speech come from resources that ship inside PyPI packages (no model download):
 
@@ -31,29 +30,20 @@ word, for a stable result). Other languages, or other POS sources, go in as anot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import numpy as np
 
 from vlp.config import ConfigError, to_dict
+from vlp.data.shards import ShardFolder
+from vlp.data.significant_words import MAX_ZH_CHARS, SIGNIFICANT_WORDS_FILE, WORD_RE
 from vlp.data.storage import Storage, join
 
-SIGNIFICANT_WORDS_FILE = "_significant_words.json"
-MAX_ZH_CHARS = 4
 KNOWN_POS = ("NOUN", "VERB", "ADJ", "ADV")
 _JIEBA_POS = {"n": "NOUN", "v": "VERB", "a": "ADJ", "d": "ADV"}
-
-# Han characters as BERT's tokenizer sees them (``handle_chinese_chars``); Latin letters, accented.
-_CJK = ("\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ceaf"
-        "\U0002f800-\U0002fa1f")
-_LATIN = "A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f"
-_WORD_RE = re.compile(f"([{_LATIN}]+)|([{_CJK}]+)")
 
 # Function words, pronouns, quantifiers, prepositions and adverbs the lexicon also lists as nouns,
 # verbs or adjectives; light verbs and modals; pieces of contractions (``don't`` -> ``don``, ``t``).
@@ -131,7 +121,7 @@ def count_words(captions: Iterable[str]) -> tuple[Counter, Counter, dict[str, Co
     jieba's tag counts per Chinese word."""
     en, zh_runs = Counter(), Counter()
     for caption in captions:
-        for m in _WORD_RE.finditer(caption or ""):
+        for m in WORD_RE.finditer(caption or ""):
             if m.group(1) is not None:
                 en[m.group(1).lower()] += 1
             else:
@@ -184,92 +174,16 @@ def write_significant_words(shards: str, config: SignificantWordsConfig = Signif
     Returns what was saved: ``compute_significant_words``'s result plus a ``meta`` block (the shard
     folder, the manifest's sha256, the number of captions).
     """
-    from vlp.data.tokenizer import read_captions  # one reader of the caption column
-
     storage = storage or Storage()
-    captions = [c for c in read_captions(shards, storage) if c]
+    folder = ShardFolder.open(shards, storage)
+    captions = [c for c in folder.read_column("caption", storage) if c]
     if not captions:
         raise ConfigError(f"no captions in {shards} to pick significant words from")
     result = compute_significant_words(captions, config)
-    manifest = storage.read_bytes(join(shards, "_manifest.json"))
     result["meta"] = {"shards": shards, "captions": len(captions), "config": to_dict(config),
-                      "manifest_sha256": hashlib.sha256(manifest).hexdigest()[:16]}
+                      "manifest_sha256": folder.manifest_sha256}
     storage.write_bytes_atomic(join(shards, SIGNIFICANT_WORDS_FILE),
                                json.dumps(result, indent=1, ensure_ascii=False).encode("utf-8"))
     return result
 
 
-def load_significant_words(path: str, storage: Storage | None = None) -> list[str]:
-    """The words saved by ``write_significant_words``; ``path``: the JSON file or its folder."""
-    storage = storage or Storage()
-    if not path.endswith(".json"):
-        path = join(path, SIGNIFICANT_WORDS_FILE)
-    if not storage.exists(path):
-        raise ConfigError(f"no significant words at {path}: run "
-                          "`vlp significant-words --shards DIR` first")
-    words = json.loads(storage.read_bytes(path)).get("words")
-    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-        raise ConfigError(f"{path} has no list of words")
-    return words
-
-
-def find_word_spans(caption: str, words: set[str] | frozenset[str]) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of the significant words in ``caption``, in order.
-
-    English: lowercased letter runs that are in ``words``. Chinese: greedy longest match (up to
-    ``MAX_ZH_CHARS`` characters) against ``words`` along each run of Han characters.
-    """
-    spans = []
-    for m in _WORD_RE.finditer(caption):
-        if m.group(1) is not None:
-            if m.group(1).lower() in words:
-                spans.append(m.span())
-            continue
-        run, base, i = m.group(2), m.start(), 0
-        while i < len(run):
-            for n in range(min(MAX_ZH_CHARS, len(run) - i), 0, -1):
-                if run[i:i + n] in words:
-                    spans.append((base + i, base + i + n))
-                    i += n
-                    break
-            else:
-                i += 1
-    return spans
-
-
-def significant_word_ids(captions: list[str], offsets: np.ndarray, words: set[str] | frozenset[str],
-                         max_words: int = 0) -> np.ndarray:
-    """Which tokens belong to which significant-word occurrence.
-
-    Args:
-        captions: the ``B`` captions as given to the tokenizer.
-        offsets: ``(B, L, 2)`` character offsets per token (a fast tokenizer's
-            ``return_offsets_mapping=True``); special tokens and padding are ``(0, 0)``.
-        words: the significant words (lowercase; ``load_significant_words``).
-        max_words: when > 0, only the first ``max_words`` occurrences of each caption are marked.
-
-    Returns:
-        int64 ``(B, L)``: 0 for tokens outside significant words, ``k`` (1-based) for the tokens of
-        the caption's ``k``-th occurrence (all pieces of a word share it). A token overlapping an
-        occurrence belongs to it; to the first, when it overlaps several (byte-level BPE can merge
-        characters across Chinese word boundaries). Occurrences truncated away have no tokens.
-    """
-    offsets = np.asarray(offsets)
-    if offsets.ndim != 3 or offsets.shape[0] != len(captions) or offsets.shape[2] != 2:
-        raise ValueError(f"offsets must be (B={len(captions)}, L, 2), got {offsets.shape}")
-    out = np.zeros(offsets.shape[:2], dtype=np.int64)
-    for b, caption in enumerate(captions):
-        spans = find_word_spans(caption, words)
-        if max_words > 0:
-            spans = spans[:max_words]
-        if not spans:
-            continue
-        starts, ends = np.asarray(spans, dtype=np.int64).T
-        tok_start, tok_end = offsets[b, :, 0], offsets[b, :, 1]
-        # spans are sorted and disjoint: the first one ending after a token's start is the first
-        # that can overlap it, and does when it starts before the token ends
-        k = np.searchsorted(ends, tok_start, side="right")
-        kc = np.minimum(k, len(spans) - 1)
-        hit = (tok_end > tok_start) & (k < len(spans)) & (starts[kc] < tok_end)
-        out[b] = np.where(hit, kc + 1, 0)
-    return out

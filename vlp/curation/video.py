@@ -30,11 +30,11 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 from PIL import Image
 
+from vlp.curation.drops import DropError
 from vlp.curation.filters import ClipItem, FilterSet, VideoItem
 from vlp.curation.image import ImageConfig, encode_pixels, perceptual_hash, resize_pixels
 from vlp.curation.video_backends import (
     VIDEO_BACKENDS,
-    VideoDropError,
     VideoHeader,
     VideoInfo,
     VideoReader,
@@ -43,7 +43,7 @@ from vlp.curation.video_backends import (
 )
 
 __all__ = [  # the backends' public names, re-exported: callers need only this module
-    "VIDEO_BACKENDS", "VideoDropError", "VideoHeader", "VideoInfo", "VideoReader", "open_video",
+    "VIDEO_BACKENDS", "VideoHeader", "VideoInfo", "VideoReader", "open_video",
     "read_header", "VideoConfig", "ClipResult", "VideoResult", "process_video", "plan_clips",
     "sample_indices", "motion_pair_indices", "window_spans", "scene_cuts", "motion_score",
 ]
@@ -386,7 +386,7 @@ def process_video(path: str, config: VideoConfig, filters: FilterSet,
                                    f"{header.width}x{header.height} > {config.max_pixels} pixels")
             result.orig_width, result.orig_height = header.width, header.height
             return result
-    except VideoDropError as e:
+    except DropError as e:
         return dropped_video(digest, e.reason, e.detail or None)
     except Exception as e:  # a bug: one file, not the run
         logger.exception("unexpected error reading the header of %s", path)
@@ -399,7 +399,7 @@ def process_video(path: str, config: VideoConfig, filters: FilterSet,
     for backend in backends:
         try:
             return _process_with(backend, path, digest, header, config, filters, segment)
-        except VideoDropError as e:
+        except DropError as e:
             details.append(f"{backend}: {e.detail}" if e.detail else backend)
             result = dropped_video(digest, e.reason, "; ".join(details)[:300], backend)
             if e.reason not in _RETRY_REASONS:

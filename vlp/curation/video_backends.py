@@ -4,7 +4,7 @@
 a frame size check comes before any packet is read. A ``VideoReader`` indexes the packets when it opens
 (the real frame timestamps in presentation order, with the frame count, rate and duration as decodable
 rather than as the header claims), then decodes frames by index. Every failure raises
-``VideoDropError`` with a drop reason, never a bare library exception.
+``DropError`` with a drop reason, never a bare library exception.
 
 A new backend is a ``VideoReader`` subclass plus ``@VIDEO_BACKENDS.register("name")``; the backend
 tests loop over the registry.
@@ -20,18 +20,11 @@ from typing import ClassVar, Iterator, Sequence
 import av
 import numpy as np
 
+from vlp.curation.drops import DropError
 from vlp.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-
-class VideoDropError(Exception):
-    """A video that cannot be used; ``reason`` is the drop reason counted in the stats."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 # --- header -------------------------------------------------------------------------------------------
@@ -85,7 +78,7 @@ def _open_container(path: str):
         # FFmpeg says "invalid data" both for bytes no demuxer claims and for a known container whose
         # index is lost (an mp4 cut before its moov box); the signature tells the two apart.
         reason = "corrupt_video" if _looks_like_container(head) else "not_a_video"
-        raise VideoDropError(reason, str(e)[:200]) from None
+        raise DropError(reason, str(e)[:200]) from None
 
 
 def read_header(path: str) -> VideoHeader:
@@ -93,18 +86,18 @@ def read_header(path: str) -> VideoHeader:
     probe, which reads the first packets of formats whose header lacks the frame size, such as MPEG-TS).
 
     Raises:
-        VideoDropError: ``not_a_video``, ``corrupt_video`` or ``no_video_stream``.
+        DropError: ``not_a_video``, ``corrupt_video`` or ``no_video_stream``.
     """
     with _open_container(path) as container:
         stream = _first_video_stream(container)
         if stream is None:
             kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise VideoDropError("no_video_stream", f"{container.format.name}; streams: {kinds}")
+            raise DropError("no_video_stream", f"{container.format.name}; streams: {kinds}")
         cc = stream.codec_context
         if cc is None:  # FFmpeg has no decoder for the stream's codec (or its id is garbage)
-            raise VideoDropError("corrupt_video", f"no decoder for codec of stream {stream.index}")
+            raise DropError("corrupt_video", f"no decoder for codec of stream {stream.index}")
         if not cc.width or not cc.height:
-            raise VideoDropError("corrupt_video", f"{cc.name}: frame size unknown")
+            raise DropError("corrupt_video", f"{cc.name}: frame size unknown")
         rate = stream.average_rate or stream.guessed_rate
         if stream.duration is not None and stream.time_base:
             duration = float(stream.duration * stream.time_base)
@@ -138,19 +131,19 @@ def _validated_times(raw: np.ndarray, header: VideoHeader) -> np.ndarray:
     """Timestamps in presentation order, checked, relative to the first frame.
 
     Raises:
-        VideoDropError: ``zero_frames`` or ``bad_timestamps``.
+        DropError: ``zero_frames`` or ``bad_timestamps``.
     """
     raw = np.asarray(raw, dtype=np.float64).reshape(-1)
     if raw.size == 0:
-        raise VideoDropError("zero_frames", f"{header.codec} in {header.container}")
+        raise DropError("zero_frames", f"{header.codec} in {header.container}")
     if not np.isfinite(raw).all():
-        raise VideoDropError("bad_timestamps", f"{int((~np.isfinite(raw)).sum())} non-finite timestamps")
+        raise DropError("bad_timestamps", f"{int((~np.isfinite(raw)).sum())} non-finite timestamps")
     steps = np.diff(raw)
     if (steps < 0).any():
         i = int(np.argmax(steps < 0))
-        raise VideoDropError("bad_timestamps", f"frame {i + 1} at {raw[i + 1]:.3f}s before {raw[i]:.3f}s")
+        raise DropError("bad_timestamps", f"frame {i + 1} at {raw[i + 1]:.3f}s before {raw[i]:.3f}s")
     if raw.size > 1 and raw[-1] == raw[0]:
-        raise VideoDropError("bad_timestamps", f"all {raw.size} frames at {raw[0]:.3f}s")
+        raise DropError("bad_timestamps", f"all {raw.size} frames at {raw[0]:.3f}s")
     # Microseconds: both backends then place a time that falls exactly on a frame the same way.
     return np.round(raw - raw[0], 6)
 
@@ -184,7 +177,7 @@ class VideoReader:
     """An open video file: frame timestamps at construction, RGB frames by index on demand.
 
     Subclasses set ``name``, fill ``self._raw_times`` (seconds, presentation order, as stored) in their
-    constructor and implement ``_read``. Constructors and ``read`` raise ``VideoDropError`` only.
+    constructor and implement ``_read``. Constructors and ``read`` raise ``DropError`` only.
     """
 
     name: ClassVar[str]
@@ -199,7 +192,7 @@ class VideoReader:
         """Size, frame rate, duration and frame count of the decodable frames.
 
         Raises:
-            VideoDropError: ``zero_frames`` or ``bad_timestamps``.
+            DropError: ``zero_frames`` or ``bad_timestamps``.
         """
         return _info(self.header, _validated_times(self._raw_times, self.header))
 
@@ -207,7 +200,7 @@ class VideoReader:
         """Decoded HxWx3 uint8 RGB frames, one per index, in the order given (repeats allowed).
 
         Raises:
-            VideoDropError: ``corrupt_video`` when a frame does not decode.
+            DropError: ``corrupt_video`` when a frame does not decode.
         """
         if not len(indices):
             return []
@@ -259,7 +252,7 @@ class DecordReader(VideoReader):
         import decord
 
         if header.container in self.unseekable:
-            raise VideoDropError("corrupt_video", f"decord cannot seek in {header.container} files")
+            raise DropError("corrupt_video", f"decord cannot seek in {header.container} files")
         decord.logging.set_level(decord.logging.QUIET)
         try:
             self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
@@ -267,7 +260,7 @@ class DecordReader(VideoReader):
             # The table is private but has one row per indexed packet; len(vr) is the header's claim.
             table = np.asarray(self._vr._frame_pts, dtype=np.float64).reshape(-1, 2)
         except (RuntimeError, AssertionError, IndexError, decord.DECORDError) as e:
-            raise VideoDropError("corrupt_video", _first_line(e)) from None
+            raise DropError("corrupt_video", _first_line(e)) from None
         n = min(len(self._vr), len(table))
         if n < len(self._vr):
             logger.debug("%s: header claims %d frames, %d indexed", path, len(self._vr), n)
@@ -277,7 +270,7 @@ class DecordReader(VideoReader):
         span = float(self._raw_times[-1] - self._raw_times[0]) if n else 0.0
         if header.duration_s > 0 and span > 1.5 * header.duration_s + 1.0:
             # decord makes timestamps up where the container's are broken (e.g. zero sample durations)
-            raise VideoDropError("bad_timestamps", f"frames span {span:.2f}s, the container says "
+            raise DropError("bad_timestamps", f"frames span {span:.2f}s, the container says "
                                                    f"{header.duration_s:.2f}s")
         if n and _suspect_tail(header, self._raw_times):
             self._read([n - 1])
@@ -288,7 +281,7 @@ class DecordReader(VideoReader):
         try:
             return list(self._vr.get_batch(indices).asnumpy())
         except (RuntimeError, decord.DECORDError) as e:
-            raise VideoDropError("corrupt_video", _first_line(e)) from None
+            raise DropError("corrupt_video", _first_line(e)) from None
 
     def close(self) -> None:
         self.__dict__.pop("_vr", None)
@@ -320,7 +313,7 @@ class PyAVReader(VideoReader):
                 self._pts = self._pts[self._pts <= self._last_decodable()]
         except av.error.FFmpegError as e:
             self.close()
-            raise VideoDropError("corrupt_video", _first_line(e)) from None
+            raise DropError("corrupt_video", _first_line(e)) from None
         self._raw_times = self._pts * self._tb
 
     def _open(self) -> None:
@@ -329,7 +322,7 @@ class PyAVReader(VideoReader):
         self._container = av.open(self.path, metadata_errors="ignore")
         self._stream = _first_video_stream(self._container)
         if self._stream is None:
-            raise VideoDropError("no_video_stream", self._container.format.name)
+            raise DropError("no_video_stream", self._container.format.name)
         self._stream.codec_context.thread_count = self.threads
         self._tb = float(self._stream.time_base)
         self._frames, self._last_pts = None, None
@@ -382,7 +375,7 @@ class PyAVReader(VideoReader):
             last = max((f.pts for f in self._frames if f.pts is not None), default=None)
             if last is not None:
                 return last
-        raise VideoDropError("corrupt_video", "no frame decodes")
+        raise DropError("corrupt_video", "no frame decodes")
 
     def _read(self, indices: list[int]) -> list[np.ndarray]:
         out = []
@@ -390,7 +383,7 @@ class PyAVReader(VideoReader):
             for i in indices:
                 out.append(self._frame_at(int(self._pts[i]), i))
         except av.error.FFmpegError as e:
-            raise VideoDropError("corrupt_video", _first_line(e)) from None
+            raise DropError("corrupt_video", _first_line(e)) from None
         return out
 
     def _frame_at(self, target: int, index: int) -> np.ndarray:
@@ -408,9 +401,9 @@ class PyAVReader(VideoReader):
                     self._start_at(None)
                     seeked = False
                     continue
-                raise VideoDropError("corrupt_video", f"frame {index} does not decode")
+                raise DropError("corrupt_video", f"frame {index} does not decode")
             if frame.pts is None:
-                raise VideoDropError("bad_timestamps", f"decoded frame without timestamp near frame {index}")
+                raise DropError("bad_timestamps", f"decoded frame without timestamp near frame {index}")
             self._last_pts = frame.pts
             if frame.pts >= target:  # a missing target frame gives the next one that decodes
                 return frame.to_ndarray(format="rgb24")

@@ -8,7 +8,9 @@ columns, later scores) bumps the minor number and old readers keep working.
 
 Each output folder also holds:
 
-- ``_manifest.json``: schema version, the curation config and its hash, each shard with rows and bytes;
+- ``_manifest.json``: schema version, ``kind`` (``ShardKind``), ``status`` (``in_progress`` until the
+  run commits its last part, then ``complete``), the curation config and its hash, each shard with rows
+  and bytes (read it with ``vlp.data.shards.ShardFolder``, which checks all of that);
 - ``_stats.json``: rows read, written and dropped (per reason);
 - ``_parts/part-NNNNN.json``: the commit record of one shard (the unit of resume);
 - ``_drops/part-NNNNN.parquet``: every dropped row of that part with its reason (``DROPS_SCHEMA``);
@@ -17,12 +19,17 @@ Each output folder also holds:
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pyarrow as pa
 
 # 1.1: video-text shards (the image-text columns plus the video columns); image-text shards unchanged.
 SCHEMA_VERSION = "1.1"
 
 MANIFEST_FILE = "_manifest.json"
+# The manifest's ``status``: a folder is read for training, tokenizers and evaluation only once complete.
+STATUS_IN_PROGRESS = "in_progress"
+STATUS_COMPLETE = "complete"
 STATS_FILE = "_stats.json"
 REJECTS_FILE = "_rejects.jsonl"
 PARTS_DIR = "_parts"
@@ -89,6 +96,26 @@ VIDEO_TEXT_SCHEMA = pa.schema(
     IMAGE_TEXT_FIELDS + VIDEO_FIELDS, metadata={b"vlp.schema_version": SCHEMA_VERSION.encode()}
 )
 
+
+
+class ShardKind(StrEnum):
+    """What a shard folder holds, written as the manifest's ``kind`` (a string in the JSON)."""
+
+    IMAGE_TEXT = "image-text"
+    VIDEO_TEXT = "video-text"
+
+    @property
+    def schema(self) -> pa.Schema:
+        return SHARD_SCHEMAS[self]
+
+    @property
+    def source_key_column(self) -> str:
+        """The column naming a row's source row: resume skips the source rows it lists."""
+        return "video_id" if self is ShardKind.VIDEO_TEXT else "key"
+
+
+SHARD_SCHEMAS = {ShardKind.IMAGE_TEXT: IMAGE_TEXT_SCHEMA, ShardKind.VIDEO_TEXT: VIDEO_TEXT_SCHEMA}
+
 # Columns holding encoded pixels (stored uncompressed, and counted against output.shard_bytes).
 PIXEL_COLUMNS = ("image", "frames")
 
@@ -104,6 +131,11 @@ DROPS_SCHEMA = pa.schema(
 )
 
 
+def schema_version_compatible(version: str) -> bool:
+    """Whether data written at ``version`` reads with this code (same major number)."""
+    return version.split(".")[0] == SCHEMA_VERSION.split(".")[0]
+
+
 def check_shard_schema(schema: pa.Schema, expected: pa.Schema = IMAGE_TEXT_SCHEMA) -> None:
     """Raise ``ValueError`` naming the first column a shard lacks or types differently."""
     for field in expected:
@@ -115,5 +147,5 @@ def check_shard_schema(schema: pa.Schema, expected: pa.Schema = IMAGE_TEXT_SCHEM
                 f"shard column {field.name!r} is {schema.field(idx).type}, expected {field.type}"
             )
     version = (schema.metadata or {}).get(b"vlp.schema_version", b"").decode()
-    if version and version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+    if version and not schema_version_compatible(version):
         raise ValueError(f"shard schema version {version} is incompatible with {SCHEMA_VERSION}")

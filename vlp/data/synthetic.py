@@ -18,18 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {
-    "red": ((220, 30, 30), "红色"),
-    "green": ((30, 170, 60), "绿色"),
-    "blue": ((30, 60, 220), "蓝色"),
-    "yellow": ((235, 200, 20), "黄色"),
-    "purple": ((140, 40, 170), "紫色"),
-    "orange": ((245, 130, 20), "橙色"),
-    "black": ((20, 20, 20), "黑色"),
-    "cyan": ((20, 200, 210), "青色"),
-}
-SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星形",
-          "ring": "圆环", "cross": "十字"}
+from vlp.data.sample_vocabulary import COLOURS, SHAPES
+
 SIZES = {"small": "小", "large": "大"}
 PLACES = {
     "top left": "左上角", "top right": "右上角", "bottom left": "左下角", "bottom right": "右下角",

@@ -27,7 +27,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlp.data.synthetic import COLOURS, SHAPES, ManifestBuilder, SampleSet
+from vlp.data.sample_vocabulary import COLOURS, SHAPES, VIDEO_COLOURS, VIDEO_SHAPES
+from vlp.data.synthetic import ManifestBuilder, SampleSet
 
 
 class Motion(NamedTuple):
@@ -51,14 +52,6 @@ MOTIONS: dict[str, Motion] = {
 }
 # The forward member of each pair; its reverse is drawn as the same trajectory played backwards.
 _FORWARD = ("left_to_right", "top_to_bottom", "grows", "appears")
-
-# Colours and shapes that stay distinct from each other and from the background after 4:2:0 chroma
-# subsampling at 64x64 (orange and cyan blur into red and blue), and whose motion changes the grey
-# level enough for the curation's motion score (``vlp.curation.video.motion_score``, a median of
-# frame-to-frame grey changes) to tell every clip from a still: yellow is nearly as bright as the
-# background, and thin shapes (star, ring) cover too little of the frame to show a fade.
-VIDEO_COLOURS = ("red", "green", "blue", "purple", "black")
-VIDEO_SHAPES = ("circle", "square", "triangle", "cross")
 
 # Encoder settings: small files, one thread each so the bytes depend only on the seed. H.264 uses a
 # constant QP: x264's CRF (macroblock-tree and adaptive quantisation) gave different bytes for the same

@@ -85,30 +85,24 @@ def tokenizer_version(folder: str) -> str:
 
 
 def read_captions(shards: str, storage: Storage) -> Iterable[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The captions of a complete shard folder, shard after shard."""
+    from vlp.data.shards import ShardFolder
 
-    manifest_path = join(shards, "_manifest.json")
-    if not storage.exists(manifest_path):
-        raise ConfigError(f"{shards} has no _manifest.json: curate first (vlp curate images)")
-    manifest = json.loads(storage.read_bytes(manifest_path))
-    for shard in manifest.get("shards", []):
-        with storage.open_input(join(shards, shard["name"])) as f:
-            table = pq.read_table(pa.BufferReader(f.read()), columns=["caption"])
-        yield from table.column("caption").to_pylist()
+    return ShardFolder.open(shards, storage).read_column("caption", storage)
 
 
 def train_tokenizer_for_shards(shards: str, config: TokenizerConfig = TokenizerConfig(),
                                storage: Storage | None = None) -> dict:
     """Train on the captions of a shard folder and save ``<shards>/_tokenizer/``; returns meta."""
+    from vlp.data.shards import ShardFolder
+
     storage = storage or Storage()
-    captions = list(read_captions(shards, storage))
+    folder = ShardFolder.open(shards, storage)
+    captions = list(folder.read_column("caption", storage))
     if not captions:
         raise ConfigError(f"no captions in {shards} to train a tokenizer on")
     tok = train_tokenizer(captions, config)
-    manifest_path = join(shards, "_manifest.json")
-    manifest_hash = (hashlib.sha256(storage.read_bytes(manifest_path)).hexdigest()[:16]
-                     if storage.exists(manifest_path) else None)
+    manifest_hash = folder.manifest_sha256
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         meta = {"version": tokenizer_version(tmp), "config": to_dict(config),

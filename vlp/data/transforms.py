@@ -133,7 +133,7 @@ def prepare_train_batch(batch: dict[str, np.ndarray], *, image_size: int, max_te
     if "lang" in batch:
         tokens["lang"] = language_codes(batch["lang"])
     if significant_words is not None:
-        from vlp.curation.significant_words import significant_word_ids
+        from vlp.data.significant_words import significant_word_ids
 
         tokens["significant"] = significant_word_ids(captions, tokens.pop("offsets"),
                                                      _word_set(significant_words))

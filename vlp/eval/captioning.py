@@ -1,7 +1,7 @@
 """Captioning evaluation: decode a caption for each held-out image or clip and score it.
 
 For a pretraining run with the ``captioning`` objective (CoCa), ``decode_captions`` takes held-out
-pairs (``vlp.eval.zero_shot.load_pairs``), encodes each image or clip with the visual tower (eval mode,
+pairs (``vlp.eval.pairs.load_pairs``), encodes each image or clip with the visual tower (eval mode,
 no mask), decodes a caption with the objective's decoder (greedy, or beam search), and detokenizes it.
 The result holds hypotheses and references side by side: ``metrics()`` scores them with
 ``vlp.eval.caption_metrics`` (BLEU-1..4, ROUGE-L, CIDEr-D, keys prefixed ``caption/``) and
@@ -11,6 +11,10 @@ when only the numbers are wanted.
 Each pair's own caption is its only reference; web shards rarely hold several captions per image, and
 CIDEr's idf then comes from the evaluated captions themselves, so compare scores between runs on the
 same held-out set, not with COCO's five-reference numbers.
+
+A run's evaluation calls ``decode_captions`` through its registration for ``captioning`` in
+``vlp.eval.heads`` (settings: the ``eval.caption_*`` fields of ``vlp.eval.config``). A new caption
+metric goes in ``caption_metrics``; a new decoding strategy in ``vlp.models.decoding``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from vlp.config import ConfigError
 from vlp.data.transforms import decode_media, language_codes, pixels_to_model
 from vlp.eval.caption_metrics import caption_metrics
-from vlp.eval.zero_shot import PairSet
+from vlp.eval.pairs import PairSet
 
 # WordPiece decodes Chinese as space-separated characters; written Chinese has no spaces (the metrics
 # split CJK characters apart anyway, so this only makes the examples read as written)
@@ -85,7 +89,7 @@ def decode_captions(pretraining, tokenizer, pairs: PairSet, *, image_size: int, 
         pretraining: the ``PretrainingModel`` (unwrapped or DDP-wrapped); run in eval mode here, its
             mode restored after.
         tokenizer: its tokenizer: ``[CLS]`` starts a caption, ``[SEP]`` ends it.
-        pairs: held-out pairs (``load_pairs``); media are decoded as ``zero_shot`` does (whole image,
+        pairs: held-out pairs (``load_pairs``); media are decoded as ``encode_images`` does (whole image,
             ``num_frames`` frames per clip, an image repeated into a still clip for a video tower).
         image_size, num_frames: the model's.
         max_text_length: most tokens per decoded caption, [CLS] and [SEP] included (at most the

@@ -24,8 +24,9 @@ is the chance of a guess that ignores the text too. The colour and shape questio
 [MASK]" (appears or disappears: the order of the frames), need the video.
 
 An unconditioned ``mlm`` (``conditioned: false``, BERT from text alone) cannot answer about a video,
-so it is refused rather than evaluated. New question types are new entries of the ``vocabulary``
-argument: ``{type: {lang: [words]}}``.
+so it is refused rather than evaluated (and a run's evaluation, ``vlp.eval.heads``, only calls this
+for a conditioned one). New question types are new entries of the ``vocabulary`` argument:
+``{type: {lang: [words]}}``; new words of the sample data go in ``vlp.data.sample_vocabulary``.
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ import numpy as np
 import torch
 
 from vlp.config import ConfigError
-from vlp.data.synthetic import COLOURS, SHAPES
-from vlp.data.synthetic_video import VIDEO_COLOURS, VIDEO_SHAPES
+from vlp.data.sample_vocabulary import COLOURS, SHAPES, VIDEO_COLOURS, VIDEO_SHAPES
 from vlp.data.tokenizer import tokenize_captions
 from vlp.data.transforms import decode_media, pixels_to_model
-from vlp.eval.zero_shot import PairSet
+from vlp.eval.pairs import PairSet
 
 Vocabulary = dict[str, dict[str, list[str]]]  # question type -> language -> answer words
 
 
 def default_vocabulary() -> Vocabulary:
-    """The sample videos' words (``vlp.data.synthetic_video``): colours, shapes, motion words.
+    """The sample videos' words: their colours and shapes (``vlp.data.sample_vocabulary``, which the
+    video generator draws from), and motion words.
 
     Motion words are the ones that tell the eight motions apart (the first one in each caption is
     asked about): where a move starts (left/right/top/bottom), grows or shrinks, appears or

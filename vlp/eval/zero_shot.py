@@ -10,119 +10,31 @@ on a labelled folder (``data.parquet`` with ``image`` and ``label``, ``classes.j
 names per language), with English and Chinese prompt templates.
 
 Given the whole ``PretrainingModel`` (``pretraining=``), ``evaluate`` also measures what its heads
-learned on the same held-out pairs: masked-word video question answering (LAVENDER; ``qa/*``) when it
-trains a conditioned ``mlm``, and caption metrics (``caption/*``) when it trains ``captioning``.
+learned on the same held-out pairs: it runs the evaluations registered for the run's objectives
+(``vlp.eval.heads``; today masked-word video QA for a conditioned ``mlm`` and caption metrics for
+``captioning``) without naming any of them. The held-out pairs and the encoders' batched embeddings
+come from ``vlp.eval.pairs``, the settings from ``vlp.eval.config``. A new zero-shot task (a retrieval
+or classification variant) goes here; a new head's evaluation goes in its own module, registered in
+``vlp.eval.heads``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from vlp.config import ConfigError
 from vlp.data.storage import Storage, join
-from vlp.data.tokenizer import tokenize_captions
-from vlp.data.transforms import decode_media, pixels_to_model
+from vlp.eval.config import EvalConfig
+from vlp.eval.heads import evaluate_heads
 from vlp.eval.metrics import chance_recall, classifier_weights, retrieval_recall, zero_shot_accuracy
+from vlp.eval.pairs import PairSet, encode_images, encode_texts, load_pairs
 
 CLASSES_FILE = "classes.json"
 CLASSIFICATION_DATA = "data.parquet"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    templates: dict[str, list[str]] = field(default_factory=lambda: {
-        "en": ["a {}.", "a photo of a {}.", "an image showing a {}."],
-        "zh": ["一个{}", "一张{}的照片", "图片里有一个{}"],
-    })
-    batch_size: int = 256
-    max_rows: int = 5000  # held-out pairs used for retrieval (the first ones, in shard order)
-    video_qa: bool = True  # masked-word QA, when the run trains a conditioned mlm head
-    captions: bool = True  # caption metrics, when the run trains a captioning head
-    caption_beam_size: int = 3
-    # beam scores are divided by length ** this: at 0 (plain sums of log-probabilities) a beam that
-    # ends at once outscores every real caption of a barely trained model
-    caption_length_penalty: float = 1.0
-    caption_max_items: int = 200
-
-    def __post_init__(self):
-        if not self.ks or min(self.ks) < 1:
-            raise ConfigError("eval.ks must be positive integers")
-        for lang, templates in self.templates.items():
-            bad = [t for t in templates if "{}" not in t]
-            if bad:
-                raise ConfigError(f"eval.templates.{lang}: {bad[0]!r} has no {{}} for the class name")
-
-
-@dataclass
-class PairSet:
-    media: list  # images (bytes) or clips (lists of frame bytes)
-    captions: list[str]
-    langs: list[str]
-    clips: bool = False
-
-
-def load_pairs(files: list[str], storage: Storage, max_rows: int, frames: bool = False) -> PairSet:
-    """The first ``max_rows`` held-out pairs; with ``frames``, video shards give their clips' frames
-    (image shards, and video shards for an image tower, give one image per pair)."""
-    tables, n, clips = [], 0, False
-    for path in files:
-        with storage.open_input(path) as f:
-            pf = pq.ParquetFile(pa.BufferReader(f.read()))
-            use_frames = frames and "frames" in pf.schema_arrow.names
-            t = pf.read(columns=["frames" if use_frames else "image", "caption", "lang"])
-        clips = clips or use_frames
-        tables.append(t.rename_columns(["media", "caption", "lang"]).slice(0, max_rows - n))
-        n += tables[-1].num_rows
-        if n >= max_rows:
-            break
-    if not n:
-        raise ConfigError(f"no held-out rows to evaluate on in {files[:3]}")
-    if len({t.schema.field("media").type for t in tables}) > 1:
-        raise ConfigError(f"held-out shards mix images and videos: {files[:3]}; evaluate them apart")
-    t = pa.concat_tables(tables)
-    return PairSet(t.column("media").to_pylist(), t.column("caption").to_pylist(),
-                   t.column("lang").to_pylist(), clips=clips)
-
-
-def shuffled_order(num_frames: int, generator: torch.Generator) -> torch.Tensor:
-    """A random order of ``num_frames`` frames that is not the original one."""
-    while True:
-        perm = torch.randperm(num_frames, generator=generator)
-        if num_frames < 2 or not torch.equal(perm, torch.arange(num_frames)):
-            return perm
-
-
-@torch.no_grad()
-def encode_images(model, media: list, image_size: int, batch_size: int, device: torch.device,
-                  num_frames: int = 1, shuffle_seed: int | None = None) -> torch.Tensor:
-    """Embeddings of images or clips (``num_frames`` per clip); with ``shuffle_seed``, each clip's
-    frames go in a random (non-identity) order, fixed by the seed."""
-    generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
-    out = []
-    for i in range(0, len(media), batch_size):
-        pixels = torch.from_numpy(decode_media(media[i:i + batch_size], num_frames, image_size))
-        if generator is not None and pixels.dim() == 5:
-            pixels = torch.stack([clip[shuffled_order(num_frames, generator)] for clip in pixels])
-        out.append(model.encode_image(pixels_to_model(pixels.to(device))).float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def encode_texts(model, tokenizer, texts: list[str], max_length: int, batch_size: int,
-                 device: torch.device) -> torch.Tensor:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tok = tokenize_captions(tokenizer, texts[i:i + batch_size], max_length)
-        out.append(model.encode_text(torch.from_numpy(tok["input_ids"]).to(device),
-                                     torch.from_numpy(tok["attention_mask"]).to(device)).float().cpu())
-    return torch.cat(out)
 
 
 def _recall(visual: torch.Tensor, text: torch.Tensor, ks, clips: bool) -> dict[str, float]:
@@ -205,32 +117,6 @@ def evaluate(model, tokenizer, cfg: EvalConfig, *, retrieval_files: list[str],
         return metrics
     finally:
         owner.train(was_training)
-
-
-def evaluate_heads(pretraining, tokenizer, pairs: PairSet, cfg: EvalConfig, device,
-                   texts: dict[str, str] | None = None) -> dict[str, float]:
-    """The generative and masked-word heads' metrics on held-out pairs (those the run trains);
-    ``texts`` receives readable examples by file name (decoded captions next to their references)."""
-    mcfg = pretraining.model.cfg
-    common = dict(image_size=mcfg.image_size, num_frames=mcfg.num_frames,
-                  max_text_length=mcfg.max_text_length, batch_size=min(cfg.batch_size, 64),
-                  device=device)
-    metrics: dict[str, float] = {}
-    objectives = pretraining.objectives
-    if cfg.video_qa and "mlm" in objectives and objectives["mlm"].cfg.conditioned:
-        from vlp.eval.video_qa import evaluate_video_qa
-
-        metrics.update(evaluate_video_qa(pretraining, tokenizer, pairs, **common))
-    if cfg.captions and "captioning" in objectives:
-        from vlp.eval.captioning import decode_captions
-
-        captions = decode_captions(pretraining, tokenizer, pairs, beam_size=cfg.caption_beam_size,
-                                   length_penalty=cfg.caption_length_penalty,
-                                   max_items=cfg.caption_max_items, **common)
-        metrics.update(captions.metrics())
-        if texts is not None:
-            texts["caption_examples.txt"] = captions.examples_text(20)
-    return metrics
 
 
 def recall_bar_chart(metrics: dict[str, float], path: str, title: str = "zero-shot retrieval") -> str:

@@ -6,12 +6,18 @@ poolings it supports in ``poolings``. Text encoders map ``input_ids`` and ``atte
 to features ``(B, width)``. Each class registers itself in ``IMAGE_ENCODERS`` or ``TEXT_ENCODERS`` and
 is built from an ``EncoderConfig`` plus context from the model config (``image_size``, ``num_frames``;
 ``vocab_size``, ``pad_token_id``, ``max_text_length``); a new tower is a new class plus a registration
-(the registry-wide tests then cover it). Towers that model time live in ``video.py``.
+(the registry-wide tests then cover it).
+
+This module holds the registries, the presets, the shared input and pooling helpers (``as_video``,
+``check_pooling``, ``pool_tokens``) and the towers that wrap ``transformers`` models without a notion of
+time (``vit``, ``bert``). Towers that model time go in ``video.py``, our own text tower is in
+``text.py``; both import from here, never the reverse. What the towers share below this module lives in
+``vision_tokens`` (the visual towers' token output), ``hf`` (building and loading ``transformers``
+models) and ``transformer`` (the blocks of the towers we write ourselves).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -19,6 +25,8 @@ from torch import nn
 
 from vlp.config import ConfigError
 from vlp.models.config import EncoderConfig
+from vlp.models.hf import check_folder, hf_config
+from vlp.models.vision_tokens import VisionTokens
 from vlp.registry import Registry
 
 IMAGE_ENCODERS: Registry[type[nn.Module]] = Registry("image encoder")
@@ -41,24 +49,6 @@ BERT_PRESETS: dict[str, dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072),
 }
-
-
-def _hf_config(config_cls, presets: dict, cfg: EncoderConfig, **fixed: Any):
-    if cfg.preset not in presets:
-        raise ConfigError(f"unknown preset {cfg.preset!r} for encoder {cfg.name!r}; "
-                          f"presets: {', '.join(presets)}")
-    known = set(config_cls().to_dict())
-    unknown = sorted(set(cfg.options) - known)
-    if unknown:
-        raise ConfigError(f"encoder {cfg.name!r}: unknown option {unknown[0]!r} "
-                          f"(options are fields of transformers' {config_cls.__name__})")
-    return config_cls(**{**presets[cfg.preset], **fixed, **cfg.options})
-
-
-def _check_folder(path: str) -> None:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"pretrained_path {path!r} is not a Hugging Face model folder "
-                          "(no config.json in it)")
 
 
 def as_video(pixels: torch.Tensor) -> torch.Tensor:
@@ -101,13 +91,13 @@ class ViTImageEncoder(nn.Module):
         from transformers import ViTConfig, ViTModel
 
         if cfg.pretrained_path:
-            _check_folder(cfg.pretrained_path)
+            check_folder(cfg.pretrained_path)
             self.vit = ViTModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
             if self.vit.config.image_size != image_size:
                 raise ConfigError(f"{cfg.pretrained_path} expects {self.vit.config.image_size}px "
                                   f"images; set model.image_size to it")
         else:
-            hf = _hf_config(ViTConfig, VIT_PRESETS, cfg, image_size=image_size)
+            hf = hf_config(ViTConfig, VIT_PRESETS, cfg, image_size=image_size)
             if image_size % hf.patch_size:
                 raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch "
                                   f"size {hf.patch_size}")
@@ -122,10 +112,8 @@ class ViTImageEncoder(nn.Module):
         frames = pool_tokens(hidden, None, self.pooling)
         return hidden.view(*video.shape[:2], *hidden.shape[1:]), frames.view(*video.shape[:2], -1).mean(dim=1)
 
-    def encode_tokens(self, pixels: torch.Tensor, keep=None, mask_tokens: bool = False):
+    def encode_tokens(self, pixels: torch.Tensor, keep=None, mask_tokens: bool = False) -> VisionTokens:
         """``VisionTokens``: the meanP feature as the leading token, then every frame's patch tokens."""
-        from vlp.models.video import VisionTokens
-
         if keep is not None:
             raise ConfigError("encoder 'vit' cannot encode masked patches: use 'video_vit' for masking")
         hidden, pooled = self._frames(pixels)
@@ -147,16 +135,16 @@ class BertTextEncoder(nn.Module):
         from transformers import AutoModel, BertConfig, BertModel
 
         if cfg.pretrained_path:
-            _check_folder(cfg.pretrained_path)
+            check_folder(cfg.pretrained_path)
             self.bert = AutoModel.from_pretrained(cfg.pretrained_path, add_pooling_layer=False)
             if self.bert.config.vocab_size < vocab_size:
                 raise ConfigError(
                     f"the tokenizer has {vocab_size} entries but {cfg.pretrained_path} embeds only "
                     f"{self.bert.config.vocab_size}: use the tokenizer saved with that model")
         else:
-            hf = _hf_config(BertConfig, BERT_PRESETS, cfg, vocab_size=vocab_size,
-                            pad_token_id=pad_token_id,
-                            max_position_embeddings=max(64, max_text_length))
+            hf = hf_config(BertConfig, BERT_PRESETS, cfg, vocab_size=vocab_size,
+                           pad_token_id=pad_token_id,
+                           max_position_embeddings=max(64, max_text_length))
             self.bert = BertModel(hf, add_pooling_layer=False)
         self.pooling = cfg.pooling
         self.width = self.bert.config.hidden_size

@@ -4,6 +4,10 @@ An objective turns the model's outputs for a batch into one weighted loss term p
 logging. The trainer only calls objectives and sums their losses; it never knows which ones run. A new
 objective is a class with a typed ``Config`` (which must have a ``weight``) registered in
 ``OBJECTIVES``; the experiment config selects objectives by name: ``objectives: {contrastive: {...}}``.
+That section is typed once, at load time (``parse_objectives``): ``{name: Config instance}``, defaults
+filled in, so the run logs and checkpoints the values it trains with. What a config can only be
+checked against the rest of the experiment (the model, the masking) goes in the class's ``check``,
+which runs at load time too, never first on the workers.
 
 What an objective reads from the shared forward pass it declares in ``needs`` (names in ``OUTPUTS``);
 the pretraining module (``pretraining.py``) computes the union once per step, so two objectives that
@@ -67,6 +71,17 @@ class Objective(nn.Module):
         self.cfg = cfg
 
     @classmethod
+    def check(cls, cfg: Any, model: Any, masking: Any) -> None:
+        """Check ``cfg`` against the model config (``DualEncoderConfig``) and the masking config.
+
+        Runs when the experiment config is loaded (``TrainConfig``) and again when the pretraining
+        module is built, before the objective is constructed; override to add this objective's rules.
+
+        Raises:
+            ConfigError: the combination cannot train.
+        """
+
+    @classmethod
     def requirements(cls, cfg: Any) -> tuple[frozenset[str], bool]:
         """(outputs needed, whether the fusion encoder is used) for this config; override when a
         config option changes them (e.g. MLM conditioned on video or not)."""
@@ -91,17 +106,26 @@ def register_objective(name: str):
 
 
 def parse_objectives(section: dict[str, Any]) -> dict[str, Any]:
-    """The ``objectives`` config section -> ``{name: typed config}``; errors name the bad key."""
+    """The ``objectives`` config section -> ``{name: typed config}``; errors name the bad key.
+
+    Values may be mappings (YAML, JSON from a worker's payload) or already the objective's ``Config``
+    (passed through), so parsing a parsed section gives it back unchanged.
+    """
     if not section:
         raise ConfigError("objectives: at least one objective is needed, e.g. {contrastive: {}}")
     parsed = {}
     for name, params in section.items():
         cls = OBJECTIVES.get(name)
-        parsed[name] = from_dict(cls.Config, params or {}, where=f"objectives.{name}")
+        if isinstance(params, cls.Config):
+            parsed[name] = params
+        else:
+            parsed[name] = from_dict(cls.Config, params or {}, where=f"objectives.{name}")
         if parsed[name].weight < 0:
             raise ConfigError(f"objectives.{name}.weight must be >= 0")
     return parsed
 
 
 def build_objectives(section: dict[str, Any], **context: Any) -> dict[str, Objective]:
+    """``{name: Objective}`` built from a parsed section (or one ``parse_objectives`` accepts);
+    ``context`` goes to the constructors (``model``, ``local_world_size``, ``tokenizer``)."""
     return {name: OBJECTIVES.get(name)(cfg, **context) for name, cfg in parse_objectives(section).items()}

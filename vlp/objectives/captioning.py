@@ -42,6 +42,7 @@ from torch import nn
 from vlp.config import ConfigError
 from vlp.data.transforms import LANGUAGE_CODES
 from vlp.models.decoding import beam_search, greedy_decode
+from vlp.models.encoders import BERT_PRESETS
 from vlp.models.masking import IGNORE_INDEX
 from vlp.models.transformer import Stack, init_weights
 from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
@@ -82,15 +83,22 @@ class CaptioningObjective(Objective):
                 raise ConfigError("objectives.captioning.decoder_mlp_ratio must be > 0")
             if not 0.0 <= self.label_smoothing < 1.0:
                 raise ConfigError("objectives.captioning.label_smoothing must be in [0, 1)")
+            if self.decoder_width:
+                _check_width(self.decoder_width, self.decoder_heads)
 
     needs = frozenset({"vision"})
+
+    @classmethod
+    def check(cls, cfg: Config, model, masking) -> None:
+        if not cfg.decoder_width:  # the text tower's width, where its config says it
+            width = _configured_text_width(model.text)
+            if width is not None:
+                _check_width(width, cfg.decoder_heads)
 
     def __init__(self, cfg: Config, *, model: nn.Module, **context: Any):
         super().__init__(cfg)
         width = cfg.decoder_width or model.text_encoder.width
-        if width % cfg.decoder_heads:
-            raise ConfigError(f"objectives.captioning: decoder width {width} is not a multiple of "
-                              f"decoder_heads {cfg.decoder_heads}")
+        _check_width(width, cfg.decoder_heads)  # a pretrained tower's width is known only now
         self.width = width
         self.max_length = model.cfg.max_text_length
         self.token_embed = nn.Embedding(model.vocab_size, width)
@@ -171,6 +179,25 @@ class CaptioningObjective(Objective):
             correct = (logits.argmax(dim=-1) == targets) & real
             accuracy = correct.sum() / real.sum().clamp(min=1)
         return ObjectiveOutput(loss=loss, metrics={"token_accuracy": float(accuracy)})
+
+
+def _check_width(width: int, heads: int) -> None:
+    if width % heads:
+        raise ConfigError(f"objectives.captioning: decoder width {width} is not a multiple of "
+                          f"decoder_heads {heads}")
+
+
+# Text towers sized by BERT_PRESETS (a preset, then a ``hidden_size`` option), by registered name.
+_PRESET_SIZED_TEXT_TOWERS = ("bert", "transformer")
+
+
+def _configured_text_width(text) -> int | None:
+    """The width of the text tower an ``EncoderConfig`` describes, or None where only the built tower
+    knows it (pretrained weights, a tower sized otherwise, a preset the tower will refuse)."""
+    if text.name not in _PRESET_SIZED_TEXT_TOWERS or text.pretrained_path or text.preset not in BERT_PRESETS:
+        return None
+    width = {**BERT_PRESETS[text.preset], **text.options}["hidden_size"]
+    return width if isinstance(width, int) else None
 
 
 def _tokens(vision) -> torch.Tensor:

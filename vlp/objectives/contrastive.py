@@ -12,6 +12,7 @@ import torch
 
 from vlp.config import ConfigError
 from vlp.losses import ContrastiveLossConfig, build_contrastive_loss
+from vlp.losses.contrastive import CONTRASTIVE_LOSSES
 from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
 
 
@@ -22,18 +23,22 @@ class ContrastiveObjective(Objective):
         weight: float = 1.0
         loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
 
+    @classmethod
+    def check(cls, cfg: Config, model, masking) -> None:
+        if getattr(CONTRASTIVE_LOSSES.get(cfg.loss.mode), "uses_logit_bias", False) \
+                and model.init_logit_bias is None:
+            raise ConfigError(f"the {cfg.loss.mode} loss needs a learnable bias: set "
+                              "model.init_logit_bias (SigLIP uses -10)")
+
     def __init__(self, cfg: Config, *, local_world_size: int | None = None, **context):
         super().__init__(cfg)
         self.loss = build_contrastive_loss(cfg.loss, local_world_size=local_world_size)
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
                 model=None) -> ObjectiveOutput:
-        bias = outputs.get("logit_bias")
-        if self.cfg.loss.mode == "sigmoid" and bias is None:
-            raise ConfigError("the sigmoid loss needs a learnable bias: set model.init_logit_bias "
-                              "(SigLIP uses -10)")
+        # a loss that needs the bias and gets none raises (``check`` refuses that config at load)
         out = self.loss(outputs["image_embeds"], outputs["text_embeds"], outputs["logit_scale"],
-                        logit_bias=bias)
+                        logit_bias=outputs.get("logit_bias"))
         metrics = {"negatives": float(out.num_negatives)}
         if out.hard_negatives is not None:  # NegNCE: hard negatives per row (logged, never synced)
             metrics["hard_negatives"] = out.hard_negatives

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from vlp.config import ConfigError
-from vlp.models.encoders import as_video
+from vlp.models.encoders import IMAGE_ENCODERS, as_video
 from vlp.models.transformer import Stack, init_weights
 from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
 
@@ -128,19 +128,21 @@ class MaskedAutoencoder(Objective):
             return frozenset({"vision", "fused_masked"}), True
         return frozenset({"vision"}), False
 
+    @classmethod
+    def check(cls, cfg: Config, model, masking) -> None:
+        if not getattr(IMAGE_ENCODERS.get(model.image.name), "supports_masking", False):
+            raise ConfigError(f"objective 'mae' needs a visual tower that encodes tube-masked clips; "
+                              f"{model.image.name!r} does not (use video_vit)")
+        if cfg.source == "fused" and (model.fusion.mode != "joint" or model.fusion.layers < 1):
+            raise ConfigError("objectives.mae.source: fused reads the visual tokens of the joint "
+                              "fusion encoder: set model.fusion.mode: joint and model.fusion.layers")
+
     def __init__(self, cfg: Config, *, model: nn.Module, **context):
+        """Built for ``model`` (a config ``check`` accepted: a masking tower, the joint fusion encoder
+        for ``fused``)."""
         super().__init__(cfg)
         tower = model.image_encoder
-        if not getattr(tower, "supports_masking", False):
-            raise ConfigError(f"objective 'mae' needs a visual tower that encodes tube-masked clips; "
-                              f"{model.cfg.image.name!r} does not (use video_vit)")
-        if cfg.source == "fused":
-            if model.cfg.fusion.mode != "joint" or model.cfg.fusion.layers < 1:
-                raise ConfigError("objectives.mae.source: fused reads the visual tokens of the joint "
-                                  "fusion encoder: set model.fusion.mode: joint and model.fusion.layers")
-            source_width = model.fusion_width
-        else:
-            source_width = tower.width
+        source_width = model.fusion_width if cfg.source == "fused" else tower.width
         self.patches = tower.patches
         grid = math.isqrt(self.patches)
         if grid * grid != self.patches or model.cfg.image_size % grid:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from vlp.config import ConfigError
+from vlp.models.encoders import IMAGE_ENCODERS
 from vlp.models.masking import mask_text, tube_mask
 from vlp.objectives.base import OBJECTIVES, ObjectiveOutput, build_objectives, parse_objectives
 
@@ -110,28 +111,51 @@ def check_plan(plan: Plan, model_cfg, masking: MaskingConfig) -> None:
         raise ConfigError("masking.vision.encode: mask_token needs masking.vision.ratio > 0")
 
 
+def check_objectives(objectives: dict[str, Any], model_cfg, masking: MaskingConfig) -> Plan:
+    """Every check of the objectives against the model and masking configs; the plan of the pass.
+
+    Runs when the experiment config loads (``TrainConfig``) and when ``PretrainingModel`` is built,
+    so a combination that cannot train fails on the driver, naming the key, not on the workers.
+
+    Args:
+        objectives: ``{name: typed config}`` (from ``parse_objectives``).
+        model_cfg: the ``DualEncoderConfig``.
+
+    Raises:
+        ConfigError: the first rule broken: the plan's (``plan_pass``, ``check_plan``), a visual mask
+            for a tower that cannot drop patches, then each objective's own ``check``.
+    """
+    plan = plan_pass(objectives, masking)
+    check_plan(plan, model_cfg, masking)
+    if masking.vision.ratio > 0 and not getattr(IMAGE_ENCODERS.get(model_cfg.image.name),
+                                                "supports_masking", False):
+        raise ConfigError(f"masking.vision needs a tower that encodes visible patches; "
+                          f"{model_cfg.image.name!r} does not (use video_vit)")
+    for name, cfg in objectives.items():
+        OBJECTIVES.get(name).check(cfg, model_cfg, masking)
+    return plan
+
+
 class PretrainingModel(nn.Module):
     """Model + objectives + masking.
 
     Args:
         model: the ``DualEncoder`` (built with ``vision_mask_token`` when masks are encoded as tokens).
-        objectives_section: the ``objectives`` config section.
+        objectives: ``{name: typed config}`` (``TrainConfig.objectives``), or the section in its
+            plain form (parsed here by ``parse_objectives``).
         masking: the masking config.
         special_ids: token ids never masked ([CLS], [SEP], [PAD]); ``mask_id`` the [MASK] id.
         context: passed to the objectives' constructors (e.g. ``local_world_size``, ``tokenizer``).
     """
 
-    def __init__(self, model: nn.Module, objectives_section: dict[str, Any], masking: MaskingConfig, *,
+    def __init__(self, model: nn.Module, objectives: dict[str, Any], masking: MaskingConfig, *,
                  special_ids: list[int], mask_id: int, **context: Any):
         super().__init__()
         self.model = model
         self.masking = masking
-        self.plan = plan_pass(parse_objectives(objectives_section), masking)
-        check_plan(self.plan, model.cfg, masking)
-        if masking.vision.ratio > 0 and not getattr(model.image_encoder, "supports_masking", False):
-            raise ConfigError(f"masking.vision needs a tower that encodes visible patches; "
-                              f"{model.cfg.image.name!r} does not (use video_vit)")
-        self.objectives = nn.ModuleDict(build_objectives(objectives_section, model=model, **context))
+        objectives = parse_objectives(objectives)
+        self.plan = check_objectives(objectives, model.cfg, masking)
+        self.objectives = nn.ModuleDict(build_objectives(objectives, model=model, **context))
         self.register_buffer("special_ids", torch.tensor(sorted(set(special_ids)), dtype=torch.long),
                              persistent=False)
         self.mask_id = mask_id

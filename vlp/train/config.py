@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from vlp.config import ConfigError
 from vlp.data.storage import StorageConfig
-from vlp.eval.zero_shot import EvalConfig
+from vlp.eval.config import EvalConfig
 from vlp.models.config import DualEncoderConfig
 from vlp.objectives.pretraining import MaskingConfig
 
@@ -146,6 +146,8 @@ class TrainConfig:
     # contrastive loss over all of them (more negatives), then recompute each one with gradients.
     feature_accumulation: int = 1
     model: DualEncoderConfig = field(default_factory=DualEncoderConfig)
+    # {name: that objective's typed Config}: a mapping per objective in YAML, typed and filled in with
+    # its defaults here, so what is logged and checkpointed is what trains (``vlp.objectives``)
     objectives: dict[str, Any] = field(default_factory=lambda: {"contrastive": {}})
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,10 +159,11 @@ class TrainConfig:
 
     def __post_init__(self):
         from vlp.objectives import parse_objectives
-        from vlp.objectives.pretraining import check_plan, plan_pass
+        from vlp.objectives.pretraining import check_objectives
 
-        # fail at load time, naming the key, rather than on the workers
-        check_plan(plan_pass(parse_objectives(self.objectives), self.masking), self.model, self.masking)
+        # typed once, here; fail at load time, naming the key, rather than on the workers
+        object.__setattr__(self, "objectives", parse_objectives(self.objectives))
+        check_objectives(self.objectives, self.model, self.masking)
         if self.feature_accumulation < 1:
             raise ConfigError("feature_accumulation must be >= 1")
         if self.feature_accumulation > 1 and set(self.objectives) != {"contrastive"}:

@@ -46,7 +46,7 @@ def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
 
     if not plan_pass(parse_objectives(cfg.objectives), cfg.masking).needs_significant:
         return None
-    from vlp.curation.significant_words import SIGNIFICANT_WORDS_FILE, load_significant_words
+    from vlp.data.significant_words import SIGNIFICANT_WORDS_FILE, load_significant_words
 
     path = cfg.data.significant_words or join(cfg.data.train, SIGNIFICANT_WORDS_FILE)
     if not storage.exists(path):
@@ -84,7 +84,8 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     from ray.train.torch import TorchTrainer
 
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.train_data import build_train_dataset, split_shards
+    from pipelines.train_data import build_train_dataset
+    from vlp.train.shard_plan import split_shards
 
     started = time.monotonic()
     cfg = _absolute_paths(cfg)

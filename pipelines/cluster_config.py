@@ -14,7 +14,7 @@ curation and training ask for (``NODE_TYPES``) exist with the resources they are
 ``load_job_spec`` also takes a plain runtime_env mapping, the file ``ray job submit --runtime-env``
 reads, as a spec with an empty entrypoint.
 
-Check files before ``ray up`` or a submission with ``python -m vlp.ops.cluster FILE...``.
+Check files before ``ray up`` or a submission with ``python -m pipelines.cluster_config FILE...``.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     """Check cluster configs and job specs; prints one line per file, returns 1 if any fails."""
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
-        print("usage: python -m vlp.ops.cluster FILE.yaml [...]", file=sys.stderr)
+        print("usage: python -m pipelines.cluster_config FILE.yaml [...]", file=sys.stderr)
         return 2
     failed = 0
     for path in paths:

@@ -21,9 +21,9 @@ import sys
 import time
 
 from vlp.config import ConfigError, load_config
-from vlp.jobs.submit import SubmitError
-from vlp.jobs.submit import add_parsers as add_job_parsers
-from vlp.jobs.submit import run as run_job_command
+from pipelines.submit import SubmitError
+from pipelines.submit import add_parsers as add_job_parsers
+from pipelines.submit import run as run_job_command
 
 QUICKSTART_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "ray_configs", "train_quickstart.yaml")
@@ -118,8 +118,8 @@ def _tokenizer(args) -> int:
 
 
 def _significant_words(args) -> int:
-    from vlp.curation.significant_words import (SIGNIFICANT_WORDS_FILE, SignificantWordsConfig,
-                                                write_significant_words)
+    from vlp.curation.significant_words import SignificantWordsConfig, write_significant_words
+    from vlp.data.significant_words import SIGNIFICANT_WORDS_FILE
 
     result = write_significant_words(args.shards, SignificantWordsConfig(top_k=args.top_k))
     langs = result["by_language"]
@@ -132,7 +132,7 @@ def _significant_words(args) -> int:
 
 def _train(args) -> int:
     from vlp.train.config import TrainConfig
-    from vlp.train.launch import format_train_summary, run_training
+    from pipelines.train_job import format_train_summary, run_training
 
     config = load_config(TrainConfig, args.config, args.overrides)
     result = run_training(config)
@@ -143,14 +143,14 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from pipelines.train_data import read_manifest
+    from vlp.data.shards import ShardFolder
     from vlp.data.storage import Storage
     from vlp.eval.zero_shot import evaluate
     from vlp.train.checkpoint import load_trained_pretraining
 
     pretraining, tokenizer, config = load_trained_pretraining(args.checkpoint)
     storage = Storage(config.data.storage)
-    files = [path for path, _ in read_manifest(args.data, storage)[1]] if args.data else []
+    files = ShardFolder.open(args.data, storage).require_rows("to evaluate on").files if args.data else []
     if not files and not args.classification:
         raise ConfigError("nothing to evaluate on: give --data (held-out shards) and/or "
                           "--classification (a labelled folder)")
@@ -174,7 +174,7 @@ def _quickstart(args) -> int:
     from vlp.data.synthetic import generate_classification_set, generate_image_text_samples
     from vlp.data.tokenizer import TokenizerConfig, train_tokenizer_for_shards
     from vlp.train.config import TrainConfig
-    from vlp.train.launch import format_train_summary, run_training
+    from pipelines.train_job import format_train_summary, run_training
 
     started = time.monotonic()
     workdir = os.path.abspath(args.workdir)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from pipelines.curation_job import CurationError
     from pipelines.sources import InputError
-    from vlp.train.launch import TrainingError
+    from pipelines.train_job import TrainingError
 
     handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
                 "tokenizer": _tokenizer, "significant-words": _significant_words, "train": _train,

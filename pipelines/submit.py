@@ -8,7 +8,7 @@ This module owns the path from a laptop (or CI) to a Ray cluster's job API:
   environment variables) and the resources the entrypoint itself reserves;
 - following a job's logs and mapping how it ended to an exit code;
 - the ``submit`` and ``jobs`` parsers and their handlers (:func:`add_parsers`, :func:`run`), which
-  :mod:`vlp.cli` wires in.
+  :mod:`pipelines.cli` wires in.
 
 Token: Ray 2.60 clusters can require a bearer token on their job API (``RAY_AUTH_MODE=token``). It
 is read from ``--token-file``, else ``RAY_AUTH_TOKEN``, else the file ``RAY_AUTH_TOKEN_PATH`` names,
@@ -210,9 +210,9 @@ class JobConfig:
 
 def _check_with_ray(runtime_env: dict[str, Any]) -> None:
     """Ray's own validation, before anything is uploaded (the client runs it after the upload);
-    the same check as the job-spec loader in ``vlp.ops.cluster``."""
+    the same check as the job-spec loader in ``pipelines.cluster_config``."""
     from vlp.config import ConfigError
-    from vlp.ops.cluster import check_runtime_env
+    from pipelines.cluster_config import check_runtime_env
 
     try:
         check_runtime_env(runtime_env)
@@ -665,7 +665,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``vlp submit`` or ``vlp jobs ACTION`` from parsed arguments.
 
     Raises:
-        SubmitError: a problem the caller can fix; :mod:`vlp.cli` prints it as one line (exit 2).
+        SubmitError: a problem the caller can fix; :mod:`pipelines.cli` prints it as one line (exit 2).
     """
     cluster = ClusterConfig.resolve(args.address, args.token_file)
     if args.command == "submit":

@@ -143,19 +143,9 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import json
 
-    from vlp.data.shards import ShardFolder
-    from vlp.data.storage import Storage
-    from vlp.eval.zero_shot import evaluate
-    from vlp.train.checkpoint import load_trained_pretraining
+    from vlp.api import evaluate_checkpoint
 
-    pretraining, tokenizer, config = load_trained_pretraining(args.checkpoint)
-    storage = Storage(config.data.storage)
-    files = ShardFolder.open(args.data, storage).require_rows("to evaluate on").files if args.data else []
-    if not files and not args.classification:
-        raise ConfigError("nothing to evaluate on: give --data (held-out shards) and/or "
-                          "--classification (a labelled folder)")
-    metrics = evaluate(pretraining.model, tokenizer, config.eval, retrieval_files=files,
-                       classification=args.classification, storage=storage, pretraining=pretraining)
+    metrics = evaluate_checkpoint(args.checkpoint, data=args.data, classification=args.classification)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():
         print(f"  {key:<{width}}  {value:.2f}")

@@ -15,6 +15,7 @@ curation and training ask for (``NODE_TYPES``) exist with the resources they are
 reads, as a spec with an empty entrypoint.
 
 Check files before ``ray up`` or a submission with ``python -m pipelines.cluster_config FILE...``.
+``vlp submit --runtime-env FILE`` reads its file with the same ``load_job_spec``.
 """
 
 from __future__ import annotations

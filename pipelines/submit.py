@@ -46,6 +46,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from pipelines.cluster_config import JobSpec, check_runtime_env, load_job_spec
+from vlp.config import ConfigError
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -210,10 +213,7 @@ class JobConfig:
 
 def _check_with_ray(runtime_env: dict[str, Any]) -> None:
     """Ray's own validation, before anything is uploaded (the client runs it after the upload);
-    the same check as the job-spec loader in ``pipelines.cluster_config``."""
-    from vlp.config import ConfigError
-    from pipelines.cluster_config import check_runtime_env
-
+    the same check the job-spec loader (``pipelines.cluster_config.load_job_spec``) runs on files."""
     try:
         check_runtime_env(runtime_env)
     except ConfigError as e:
@@ -260,14 +260,14 @@ def job_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | 
         SubmitError: no entrypoint, an unreadable file, a malformed flag, or a credential.
     """
     env = os.environ if environ is None else environ
-    spec = _load_job_file(args.runtime_env) if args.runtime_env else {}
-    extra = dict(spec.get("runtime_env") or {})
+    spec = _read_job_spec(args.runtime_env) if args.runtime_env else JobSpec(entrypoint="")
+    extra = dict(spec.runtime_env)
     command = list(args.entrypoint)
     if command[:1] == ["--"]:
         command = command[1:]
     # One argument is taken as a shell command line; several are quoted so each stays one argument.
     entrypoint = (command[0] if len(command) == 1 else shlex.join(command)) if command \
-        else str(spec.get("entrypoint") or "").strip()
+        else spec.entrypoint
     if not entrypoint:
         raise SubmitError("nothing to submit: put the command after --, e.g. vlp submit -- vlp train "
                           "--config ray_configs/train_quickstart.yaml, or give a job spec with an "
@@ -290,7 +290,7 @@ def job_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | 
     pip = _read_requirements(args.requirements) if args.requirements else list(args.pip or [])
 
     def pick(flag: Any, key: str) -> Any:
-        return flag if flag is not None else spec.get(key)
+        return flag if flag is not None else getattr(spec, key)
 
     return JobConfig(
         entrypoint=entrypoint, working_dir=working_dir, excludes=excludes, pip=pip,
@@ -299,34 +299,19 @@ def job_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | 
         entrypoint_num_gpus=pick(args.entrypoint_num_gpus, "entrypoint_num_gpus"),
         entrypoint_resources=pick(_parse_resources(args.entrypoint_resources),
                                   "entrypoint_resources"),
-        entrypoint_memory=spec.get("entrypoint_memory"), metadata=spec.get("metadata"))
+        entrypoint_memory=spec.entrypoint_memory, metadata=spec.metadata)
 
 
-_JOB_SPEC_KEYS = ("entrypoint", "runtime_env", "entrypoint_num_cpus", "entrypoint_num_gpus",
-                  "entrypoint_memory", "entrypoint_resources", "metadata")
-
-
-def _load_job_file(path: str) -> dict[str, Any]:
-    """A job spec as a mapping with ``runtime_env``; a plain runtime env file becomes one."""
+def _read_job_spec(path: str) -> JobSpec:
+    """The ``--runtime-env`` file through the one job-spec loader, its errors as ``SubmitError``."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        return load_job_spec(path)
     except OSError as e:
         raise SubmitError(f"cannot read --runtime-env {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise SubmitError(f"--runtime-env {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise SubmitError(f"--runtime-env {path} must be a mapping (a runtime env or a job spec)")
-    if "entrypoint" not in data and "runtime_env" not in data:
-        return {"runtime_env": data}
-    unknown = sorted(set(data) - set(_JOB_SPEC_KEYS))
-    if unknown:
-        raise SubmitError(f"{path}: unknown job spec keys {unknown} (expected some of "
-                          f"{list(_JOB_SPEC_KEYS)})")
-    for key in ("runtime_env", "entrypoint_resources", "metadata"):
-        if data.get(key) is not None and not isinstance(data[key], dict):
-            raise SubmitError(f"{path}: {key} must be a mapping")
-    return data
+    except ConfigError as e:
+        raise SubmitError(f"--runtime-env {e}") from None
 
 
 def _parse_env_flags(flags: list[str] | None, environ: Mapping[str, str]) -> dict[str, str]:

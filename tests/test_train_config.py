@@ -63,7 +63,8 @@ def test_objectives_are_typed_at_load_time_and_logged_with_their_defaults():
     assert default["objectives.contrastive.loss.mode"] == "grouped"
     assert default["objectives.contrastive.weight"] == "1.0"
 
-    cfg = load_config(TrainConfig, None, ["objectives={contrastive: {loss: {mode: global}}, captioning: {}}"])
+    cfg = load_config(TrainConfig, None,
+                      ["objectives={contrastive: {loss: {mode: global}}, captioning: {}}"])
     assert isinstance(cfg.objectives["contrastive"], ContrastiveObjective.Config)
     assert isinstance(cfg.objectives["captioning"], CaptioningObjective.Config)
     params = safe_params(cfg)
@@ -89,7 +90,7 @@ def test_a_recipe_that_names_another_objective_keeps_the_default_contrastive(tmp
 @pytest.mark.parametrize("overrides,message", [
     (["objectives.contrastive.weight=-1"], "objectives.contrastive.weight must be >= 0"),
     (["objectives.contrastive.loss.mode=sigmoid"], "the sigmoid loss needs a learnable bias"),
-    (["objectives={captioning: {decoder_heads: 5}}"], "decoder width 128 is not a multiple of decoder_heads 5"),
+    (["objectives={captioning: {decoder_heads: 5}}"], "width 128 is not a multiple of decoder_heads 5"),
     (["objectives={captioning: {decoder_width: 30}}"], "decoder width 30 is not a multiple"),
     (["masking.vision.ratio=0.5"], "tower that encodes visible patches"),
     (["model.image.name=video_vit", "masking.vision.ratio=0.5", "model.fusion.layers=1",

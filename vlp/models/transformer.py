@@ -1,10 +1,15 @@
 """Transformer building blocks shared by the towers and heads we write ourselves.
 
 ``Block`` is a pre-norm transformer layer: self-attention (optionally causal, optionally with a key
-padding mask), an optional cross-attention to a context (the other modality's tokens), and an MLP. The
-video tower (``video.py``), our text tower, the fusion encoder, the MAE decoder and the caption decoder
-are stacks of it. Attention runs through ``scaled_dot_product_attention`` (fused kernels where the
-device has them).
+padding mask), an optional cross-attention to a context (the other modality's tokens), and an MLP. Our
+text tower, the fusion encoder, the MAE decoder and the caption decoder are stacks of it; the video
+tower's joint block is a ``Block`` and its divided space-time block is made of the same ``Attention``
+and ``MLP`` (``video.py``). ``init_weights`` initialises all of them. Attention runs through
+``scaled_dot_product_attention`` (fused kernels where the device has them).
+
+This is the one attention implementation of the library: a new kind of layer is composed from these
+parts (a subclass of ``Block``, or a module of ``Attention`` and ``MLP`` wired differently) in the module
+of the model that needs it, and a change to how attention is computed goes here.
 
 Masks follow one convention everywhere: ``pad`` masks are ``(B, L)`` with True (or 1) for a real token
 and False (0) for padding, as tokenizers return ``attention_mask``.
@@ -93,7 +98,11 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """ViT/BERT initialisation: truncated normal (std 0.02) weights, zero biases, unit LayerNorms."""
+    """ViT/BERT initialisation: truncated normal (std 0.02) weights, zero biases, unit LayerNorms.
+
+    For ``model.apply(init_weights)``: every tower and head we write is initialised by it, and then
+    sets its own position tables and special tokens.
+    """
     if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -12,7 +12,12 @@ give tokens a temporal position, so reversing a video changes its features:
   local pretrained folder.
 
 A new video tower is a new class here registered in ``IMAGE_ENCODERS``; the registry-wide tests in
-tests/test_models.py then cover it with images and videos.
+tests/test_models.py then cover it with images and videos. A new attention form for ``video_vit`` is a
+block class here (built like ``Block``, called as ``block(tokens, frames)``) added to ``VIDEO_BLOCKS``
+and to ``VideoViTSettings.attention``. The blocks are made of ``transformer``'s attention and MLP and
+initialised by its ``init_weights``, as every tower and head we write: there is one attention
+implementation in the library. The token output, ``VisionTokens``, is defined in ``vision_tokens``;
+building and loading ``transformers`` models goes through ``hf``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from torch.utils.checkpoint import checkpoint
 
 from vlp.config import ConfigError, from_dict
 from vlp.models.config import EncoderConfig
-from vlp.models.encoders import (IMAGE_ENCODERS, VIT_PRESETS, _check_folder, _hf_config, as_video,
-                                 check_pooling)
+from vlp.models.encoders import IMAGE_ENCODERS, VIT_PRESETS, as_video, check_pooling
+from vlp.models.hf import check_folder, hf_config
 from vlp.models.masking import keep_to_mask
-from vlp.models.transformer import MLP
+from vlp.models.transformer import MLP, Attention, Block, init_weights
+from vlp.models.vision_tokens import VisionTokens
 
 
 @dataclass(frozen=True)
@@ -86,38 +92,16 @@ def video_vit_settings(cfg: EncoderConfig) -> VideoViTSettings:
                      where=f"{cfg.name}.options")
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over ``(B, L, D)`` tokens (fused kernel via SDPA)."""
+class JointBlock(Block):
+    """A ``Block`` whose attention spans every token of every frame (ViViT's joint space-time model;
+    cost grows as (T*N)^2).
 
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+    It only adapts the call: both video blocks take ``(tokens, frames)``, so ``VideoViT`` runs either
+    the same way (and tests may call a block directly with the frame count).
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, width = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out.transpose(1, 2).reshape(b, length, width))
-
-
-class JointBlock(nn.Module):
-    """Pre-norm block whose attention spans every token of every frame (cost grows as (T*N)^2)."""
-
-    def __init__(self, s: VideoViTSettings):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
-        self.norm2 = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.mlp = MLP(s.hidden_size, s.intermediate_size, s.dropout)
-        self.drop = nn.Dropout(s.dropout)
-
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)
 
 
 class DividedBlock(nn.Module):
@@ -127,17 +111,25 @@ class DividedBlock(nn.Module):
     position attends to itself across the T frames (the CLS token sits out); in the spatial step each
     frame's patches attend among themselves and to a copy of the CLS token, whose T updates are averaged.
     Cost grows as T*N^2 + N*T^2 instead of (T*N)^2.
+
+    Made of ``Block``'s parts (``transformer.Attention`` and ``transformer.MLP``, pre-norm, residual),
+    wired differently: the spatial step regroups tokens by frame and averages the CLS updates, which
+    a ``Block`` cannot do between its attention and its MLP. The joint block's ``norm1``, ``attn``,
+    ``norm2`` and ``mlp`` are this block's ``space_norm``, ``space_attn``, ``mlp_norm`` and ``mlp``.
     """
 
-    def __init__(self, s: VideoViTSettings):
+    def __init__(self, width: int, heads: int, mlp_width: int, dropout: float = 0.0, *,
+                 eps: float = 1e-6):
         super().__init__()
-        self.time_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.time_attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
-        self.space_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.space_attn = SelfAttention(s.hidden_size, s.num_attention_heads, s.dropout)
-        self.mlp_norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.mlp = MLP(s.hidden_size, s.intermediate_size, s.dropout)
-        self.drop = nn.Dropout(s.dropout)
+        # Time, then space, then MLP: ``init_weights`` draws in this (registration) order, so a seed
+        # gives the weights it gave before these blocks shared ``Attention`` with ``Block``.
+        self.time_norm = nn.LayerNorm(width, eps=eps)
+        self.time_attn = Attention(width, heads, dropout)
+        self.space_norm = nn.LayerNorm(width, eps=eps)
+        self.space_attn = Attention(width, heads, dropout)
+        self.mlp_norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_width, dropout)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         b, length, width = x.shape
@@ -158,29 +150,19 @@ class DividedBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-@dataclass
-class VisionTokens:
-    """A visual tower's token output, as the masked objectives and the heads need it.
+VIDEO_BLOCKS: dict[str, type[nn.Module]] = {"joint": JointBlock, "divided": DividedBlock}
 
-    Attributes:
-        tokens: ``(B, 1 + T * K, D)`` after the final norm: the CLS token, then frame by frame the K
-            tokens of each frame (K = all patches, or the kept ones of a tube mask).
-        frames: T.
-        patches: patches per frame of the full grid (``(image_size / patch_size) ** 2``).
-        patch_size: pixels per patch side.
-        keep: ``(B, K)`` indices of the kept patches (the same in every frame), or None (all kept, or
-            masked patches were encoded as mask tokens: then ``masked`` says which).
-        masked: ``(B, patches)`` True where a patch is masked, or None when nothing is masked.
-        pooled: ``(B, D)`` the tower's feature (what ``forward`` returns), from these tokens.
-    """
 
-    tokens: torch.Tensor
-    frames: int
-    patches: int
-    patch_size: int
-    pooled: torch.Tensor
-    keep: torch.Tensor | None = None
-    masked: torch.Tensor | None = None
+def _split_fused_qkv(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: a state dict written while the video blocks had their own attention
+    (one fused ``qkv`` projection) loads into ``Attention``'s ``q`` and ``kv``, which hold the same
+    rows in the same order (q, then k, then v), so saved ``video_vit`` weights keep loading."""
+    for key in [k for k in state_dict if k.startswith(prefix) and ".qkv." in k]:
+        head, leaf = key.rsplit(".qkv.", 1)
+        fused = state_dict.pop(key)
+        width = fused.shape[0] // 3
+        state_dict[f"{head}.q.{leaf}"] = fused[:width]
+        state_dict[f"{head}.kv.{leaf}"] = fused[width:]
 
 
 @IMAGE_ENCODERS.register("video_vit")
@@ -227,14 +209,18 @@ class VideoViT(nn.Module):
         # built only when asked for: a parameter that gets no gradient stalls DDP
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, s.hidden_size)) if mask_token else None
         self.embed_drop = nn.Dropout(s.dropout)
-        block = JointBlock if s.attention == "joint" else DividedBlock
-        self.blocks = nn.ModuleList(block(s) for _ in range(s.num_hidden_layers))
+        block = VIDEO_BLOCKS[s.attention]
+        self.blocks = nn.ModuleList(
+            block(s.hidden_size, s.num_attention_heads, s.intermediate_size, s.dropout,
+                  eps=s.layer_norm_eps)
+            for _ in range(s.num_hidden_layers))
         self.norm = nn.LayerNorm(s.hidden_size, eps=s.layer_norm_eps)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         for p in (self.cls_token, self.space_pos, self.mask_token):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
         nn.init.trunc_normal_(self.time_pos, std=s.temporal_init_std)
+        self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
@@ -306,13 +292,6 @@ class VideoViT(nn.Module):
         return self.encode_tokens(pixels).pooled
 
 
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
 @IMAGE_ENCODERS.register("videomae")
 class VideoMAEEncoder(nn.Module):
     """``transformers``' VideoMAE, mean-pooled (it has no CLS token) and layer-normed as its classifier.
@@ -332,7 +311,7 @@ class VideoMAEEncoder(nn.Module):
 
         check_pooling(type(self), cfg)
         if cfg.pretrained_path:
-            _check_folder(cfg.pretrained_path)
+            check_folder(cfg.pretrained_path)
             self.videomae = VideoMAEModel.from_pretrained(cfg.pretrained_path)
             hf = self.videomae.config
             if hf.image_size != image_size:
@@ -346,7 +325,7 @@ class VideoMAEEncoder(nn.Module):
             if fixed:
                 raise ConfigError(f"encoder {cfg.name!r}: option {fixed[0]!r} comes from the model "
                                   f"config; set model.{fixed[0]} instead")
-            hf = _hf_config(VideoMAEConfig, VIDEOMAE_PRESETS, cfg, image_size=image_size)
+            hf = hf_config(VideoMAEConfig, VIDEOMAE_PRESETS, cfg, image_size=image_size)
             if image_size % hf.patch_size:
                 raise ConfigError(f"model.image_size {image_size} is not a multiple of the patch "
                                   f"size {hf.patch_size}")

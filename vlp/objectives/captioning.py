@@ -194,7 +194,8 @@ _PRESET_SIZED_TEXT_TOWERS = ("bert", "transformer")
 def _configured_text_width(text) -> int | None:
     """The width of the text tower an ``EncoderConfig`` describes, or None where only the built tower
     knows it (pretrained weights, a tower sized otherwise, a preset the tower will refuse)."""
-    if text.name not in _PRESET_SIZED_TEXT_TOWERS or text.pretrained_path or text.preset not in BERT_PRESETS:
+    if (text.name not in _PRESET_SIZED_TEXT_TOWERS or text.pretrained_path
+            or text.preset not in BERT_PRESETS):
         return None
     width = {**BERT_PRESETS[text.preset], **text.options}["hidden_size"]
     return width if isinstance(width, int) else None

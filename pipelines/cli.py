@@ -195,9 +195,10 @@ def _quickstart(args) -> int:
         print(f"[quickstart]     tokenizer {meta['version']}: {meta['vocab_size']} entries")
         print("[quickstart] 4/5 generating a zero-shot classification set (which shape?)")
         generate_classification_set(classes, per_class=30, seed=1)
+        contrastive = train_config.objectives.get("contrastive")
+        loss = f"{contrastive.loss.mode} contrastive" if contrastive is not None else "no contrastive"
         print(f"[quickstart] 5/5 training a tiny dual encoder ({train_config.scaling.num_workers} Ray "
-              f"Train workers, {train_config.objectives['contrastive'].get('loss', {}).get('mode', 'grouped')}"
-              " contrastive loss), then evaluating")
+              f"Train workers, {loss} loss), then evaluating")
         result = run_training(train_config)
     finally:
         if started_ray:

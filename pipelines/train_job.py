@@ -41,10 +41,9 @@ class TrainResult:
 
 def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
     """The significant-word list when the objectives or the text masking read it, else None."""
-    from vlp.objectives import parse_objectives
     from vlp.objectives.pretraining import plan_pass
 
-    if not plan_pass(parse_objectives(cfg.objectives), cfg.masking).needs_significant:
+    if not plan_pass(cfg.objectives, cfg.masking).needs_significant:
         return None
     from vlp.data.significant_words import SIGNIFICANT_WORDS_FILE, load_significant_words
 

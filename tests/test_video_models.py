@@ -84,6 +84,31 @@ def test_divided_attention_is_joint_attention_split_into_time_then_space():
         assert (divided(clip) - joint(clip)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_a_video_vit_checkpoint_with_fused_qkv_projections_still_loads(attention):
+    """Model checkpoints written while the video blocks had their own attention (one ``qkv`` projection
+    per attention) load into the shared ``Attention``'s ``q`` and ``kv``, nested in a dual encoder as
+    ``vlp eval`` loads them, and give the same features."""
+    cfg = DualEncoderConfig(image=EncoderConfig(name="video_vit", options={"attention": attention}),
+                            num_frames=4, image_size=32, max_text_length=8, embed_dim=16)
+    torch.manual_seed(0)
+    saved = DualEncoder(cfg, vocab_size=50).eval()
+    old_format = {}
+    for key, value in saved.state_dict().items():
+        if key.startswith("image_encoder.") and ".kv." in key:
+            head, leaf = key.rsplit(".kv.", 1)
+            old_format[f"{head}.qkv.{leaf}"] = torch.cat([old_format.pop(f"{head}.q.{leaf}"), value])
+        else:
+            old_format[key] = value
+    assert any(".qkv." in key for key in old_format) and not any(".q." in key for key in old_format)
+    torch.manual_seed(1)
+    loaded = DualEncoder(cfg, vocab_size=50).eval()
+    loaded.load_state_dict(old_format)  # strict: every key is matched
+    clip = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(clip), saved.encode_image(clip))
+
+
 def _motion_clips(pairs: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """4 frames of 16x16: a bright 4x4 square moving right (label 1) and the same frames reversed
     (moving left, label 0). Both orders have the same frames, so only frame order tells them apart."""

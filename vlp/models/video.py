@@ -114,8 +114,10 @@ class DividedBlock(nn.Module):
 
     Made of ``Block``'s parts (``transformer.Attention`` and ``transformer.MLP``, pre-norm, residual),
     wired differently: the spatial step regroups tokens by frame and averages the CLS updates, which
-    a ``Block`` cannot do between its attention and its MLP. The joint block's ``norm1``, ``attn``,
-    ``norm2`` and ``mlp`` are this block's ``space_norm``, ``space_attn``, ``mlp_norm`` and ``mlp``.
+    a ``Block`` cannot do between its attention and its MLP. Its parameter names are the ones it had
+    before it shared ``Attention`` (saved checkpoints rely on them): the joint block's ``norm1``,
+    ``attn``, ``norm2`` and ``mlp`` are this block's ``space_norm``, ``space_attn``, ``mlp_norm`` and
+    ``mlp``.
     """
 
     def __init__(self, width: int, heads: int, mlp_width: int, dropout: float = 0.0, *,

@@ -163,6 +163,7 @@ def _quickstart(args) -> int:
     from vlp.curation.config import CurationConfig
     from vlp.data.synthetic import generate_classification_set, generate_image_text_samples
     from vlp.data.tokenizer import TokenizerConfig, train_tokenizer_for_shards
+    from vlp.eval.summary import CHANCE_R1, MEAN_RECALL
     from vlp.train.config import TrainConfig
     from pipelines.train_job import format_train_summary, run_training
 
@@ -205,9 +206,9 @@ def _quickstart(args) -> int:
             ray.shutdown()
     print(format_train_summary(result))
     m = result.metrics
-    learned = m.get("retrieval/mean_recall", 0.0) >= 5 * m.get("retrieval/chance_R1", 100.0)
+    learned = m.get(MEAN_RECALL, 0.0) >= 5 * m.get(CHANCE_R1, 100.0)
     print(f"[quickstart] done in {time.monotonic() - started:.0f}s; held-out retrieval mean recall "
-          f"{m.get('retrieval/mean_recall', 0):.1f}% vs chance R@1 {m.get('retrieval/chance_R1', 0):.1f}%"
+          f"{m.get(MEAN_RECALL, 0):.1f}% vs chance R@1 {m.get(CHANCE_R1, 0):.1f}%"
           f" ({'learned' if learned else 'DID NOT LEARN'})")
     return 0 if learned else 1
 

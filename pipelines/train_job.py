@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from vlp.config import ConfigError, to_dict
 from vlp.data.storage import Storage, is_s3, join
 from vlp.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from vlp.eval.summary import SUMMARY_METRICS
 from vlp.train.config import TrainConfig
 from vlp.train.loop import EVAL_FILE, RunPlan, train_worker
 from vlp.train.tracking import finish_run, open_run, resolve_tracking_uri
@@ -206,11 +207,7 @@ def format_train_summary(result: TrainResult) -> str:
     m = result.metrics
     rows = [("run", result.run_name), ("steps", f"{result.steps:,}"),
             ("samples seen", f"{result.samples:,}"), ("time", f"{result.seconds:.0f} s")]
-    for key in ("retrieval/i2t_R1", "retrieval/t2i_R1", "retrieval/i2t_R5", "retrieval/t2i_R5",
-                "retrieval/v2t_R1", "retrieval/t2v_R1", "retrieval/v2t_R5", "retrieval/t2v_R5",
-                "retrieval/mean_recall", "retrieval_shuffled/mean_recall", "temporal/mean_recall_gap",
-                "temporal/R1_gap", "retrieval/chance_R1", "zeroshot_en/top1", "zeroshot_zh/top1",
-                "zeroshot_en/chance", "qa/accuracy", "qa/chance", "caption/bleu4", "caption/cider"):
+    for key in SUMMARY_METRICS:
         if key in m:
             rows.append((key, f"{m[key]:.1f}"))
     rows += [("checkpoint", result.checkpoint), ("MLflow run", result.mlflow_run_id)]

@@ -21,6 +21,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS
 from vlp.config import ConfigError, to_dict
 from vlp.data.storage import Storage, join
 
@@ -154,8 +155,8 @@ def tokenize_captions(tokenizer, captions: list[str], max_length: int,
     tokens and padding)."""
     enc = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_length,
                     return_tensors="np", return_offsets_mapping=offsets)
-    out = {"input_ids": enc["input_ids"].astype(np.int64),
-           "attention_mask": enc["attention_mask"].astype(np.int64)}
+    out = {INPUT_IDS: enc["input_ids"].astype(np.int64),
+           ATTENTION_MASK: enc["attention_mask"].astype(np.int64)}
     if offsets:
         out["offsets"] = enc["offset_mapping"].astype(np.int64)
     return out

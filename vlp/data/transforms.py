@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlp.batch import LANG, PIXELS, SIGNIFICANT
+
 # Caption languages as model inputs (a captioner's language prompt): 0 for any other or unknown.
 LANGUAGE_CODES = {"en": 1, "zh": 2}
 
@@ -130,14 +132,14 @@ def prepare_train_batch(batch: dict[str, np.ndarray], *, image_size: int, max_te
     captions = [str(c) for c in batch["caption"]]
     tokens = tokenize_captions(cached_tokenizer(tokenizer_path), captions, max_text_length,
                                offsets=significant_words is not None)
-    if "lang" in batch:
-        tokens["lang"] = language_codes(batch["lang"])
+    if "lang" in batch:  # the shard column
+        tokens[LANG] = language_codes(batch["lang"])
     if significant_words is not None:
         from vlp.data.significant_words import significant_word_ids
 
-        tokens["significant"] = significant_word_ids(captions, tokens.pop("offsets"),
+        tokens[SIGNIFICANT] = significant_word_ids(captions, tokens.pop("offsets"),
                                                      _word_set(significant_words))
-    return {"pixels": pixels, **tokens}
+    return {PIXELS: pixels, **tokens}
 
 
 @functools.lru_cache(maxsize=2)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS
 from vlp.config import ConfigError
 from vlp.data.storage import Storage
 from vlp.data.tokenizer import tokenize_captions
@@ -82,6 +83,6 @@ def encode_texts(model, tokenizer, texts: list[str], max_length: int, batch_size
     out = []
     for i in range(0, len(texts), batch_size):
         tok = tokenize_captions(tokenizer, texts[i:i + batch_size], max_length)
-        out.append(model.encode_text(torch.from_numpy(tok["input_ids"]).to(device),
-                                     torch.from_numpy(tok["attention_mask"]).to(device)).float().cpu())
+        out.append(model.encode_text(torch.from_numpy(tok[INPUT_IDS]).to(device),
+                                     torch.from_numpy(tok[ATTENTION_MASK]).to(device)).float().cpu())
     return torch.cat(out)

@@ -38,6 +38,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS
 from vlp.config import ConfigError
 from vlp.data.sample_vocabulary import COLOURS, SHAPES, VIDEO_COLOURS, VIDEO_SHAPES
 from vlp.data.tokenizer import tokenize_captions
@@ -162,11 +163,11 @@ def _prepare(tokenizer, questions: list[Question], max_text_length: int, mask_id
     skipped: set[int] = set()
     for k, (qi, ci, text) in enumerate(texts):
         q = questions[qi]
-        pos = _word_tokens(text, tok["offsets"][k], tok["attention_mask"][k], q.start,
+        pos = _word_tokens(text, tok["offsets"][k], tok[ATTENTION_MASK][k], q.start,
                            q.start + len(q.candidates[ci]))
         if pos is None:
             skipped.add(qi)
-        found.append(None if pos is None else (qi, ci, pos, tok["input_ids"][k]))
+        found.append(None if pos is None else (qi, ci, pos, tok[INPUT_IDS][k]))
     rows: dict[tuple[int, bytes], int] = {}
     ids_rows, attn_rows, pairs, choices = [], [], [], []
     row, position, target, choice = [], [], [], []
@@ -180,7 +181,7 @@ def _prepare(tokenizer, questions: list[Question], max_text_length: int, mask_id
         if key not in rows:
             rows[key] = len(ids_rows)
             ids_rows.append(masked)
-            attn_rows.append(tok["attention_mask"][k])
+            attn_rows.append(tok[ATTENTION_MASK][k])
             pairs.append(questions[qi].index)
         row += [rows[key]] * len(pos)
         position += pos.tolist()

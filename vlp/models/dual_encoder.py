@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS, PIXELS
 from vlp.models.config import DualEncoderConfig
 from vlp.config import ConfigError
 from vlp.models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, build_encoder
@@ -103,8 +104,8 @@ class DualEncoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {
-            "image_embeds": self.encode_image(batch["pixels"]),
-            "text_embeds": self.encode_text(batch["input_ids"], batch["attention_mask"]),
+            "image_embeds": self.encode_image(batch[PIXELS]),
+            "text_embeds": self.encode_text(batch[INPUT_IDS], batch[ATTENTION_MASK]),
             "logit_scale": self.scale(),
         }
         if self.logit_bias is not None:

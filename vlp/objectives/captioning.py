@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS, LANG
 from vlp.config import ConfigError
 from vlp.data.transforms import LANGUAGE_CODES
 from vlp.models.decoding import beam_search, greedy_decode
@@ -168,8 +169,8 @@ class CaptioningObjective(Objective):
     # ---- the loss -------------------------------------------------------------------------------
     def forward(self, outputs: dict[str, Any], batch: dict[str, torch.Tensor],
                 model: nn.Module | None = None) -> ObjectiveOutput:
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        logits = self.logits(outputs["vision"].tokens, ids[:, :-1], batch.get("lang"))
+        ids, attn = batch[INPUT_IDS], batch[ATTENTION_MASK]
+        logits = self.logits(outputs["vision"].tokens, ids[:, :-1], batch.get(LANG))
         targets = ids[:, 1:].masked_fill(attn[:, 1:] == 0, IGNORE_INDEX)
         # float32: a softmax over the vocabulary in bf16 loses the small probabilities
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vlp.batch import PIXELS
 from vlp.config import ConfigError
 from vlp.models.encoders import IMAGE_ENCODERS, as_video
 from vlp.models.transformer import Stack, init_weights
@@ -208,7 +209,7 @@ class MaskedAutoencoder(Objective):
                               f"{vision.patch_size}px")
         tokens = vision.tokens if self.cfg.source == "vision" else outputs["fused_masked"].vision
         predictions = self.decode(tokens, vision.frames, vision.keep)
-        loss = masked_patch_loss(predictions, self.targets(batch["pixels"]), vision.masked)
+        loss = masked_patch_loss(predictions, self.targets(batch[PIXELS]), vision.masked)
         # from the shapes where they say it (no device sync); every sample masks as many patches
         fraction = (1.0 - vision.keep.shape[1] / self.patches if vision.keep is not None
                     else float(vision.masked.float().mean()))

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS
 from vlp.distributed.collectives import CommCounter, gather_with_grad, group_rank, world_size
 from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
 
@@ -130,7 +131,7 @@ class MatchingObjective(Objective):
 
     def forward(self, outputs, batch, model=None) -> ObjectiveOutput:
         vision, hidden = outputs["vision"].tokens, outputs["text_hidden"]
-        ids, attn = batch["input_ids"], batch["attention_mask"]
+        ids, attn = batch[INPUT_IDS], batch[ATTENTION_MASK]
         b = ids.shape[0]
         shared = model.cfg.fusion.share_text_encoder  # the shared network re-reads the ids itself
         counter = CommCounter()

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vlp.batch import ATTENTION_MASK, INPUT_IDS, PIXELS, SIGNIFICANT
 from vlp.config import ConfigError
 from vlp.models.encoders import IMAGE_ENCODERS
 from vlp.models.masking import mask_text, tube_mask
@@ -164,7 +165,7 @@ class PretrainingModel(nn.Module):
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Everything the objectives declared, from one pass (masks only in training mode)."""
         model, needs = self.model, self.plan.needs
-        pixels, ids, attn = batch["pixels"], batch["input_ids"], batch["attention_mask"]
+        pixels, ids, attn = batch[PIXELS], batch[INPUT_IDS], batch[ATTENTION_MASK]
         vision_ratio = self.masking.vision.ratio if self.training else 0.0
         out: dict[str, Any] = {"logit_scale": model.scale()}
         if model.logit_bias is not None:
@@ -187,7 +188,7 @@ class PretrainingModel(nn.Module):
             out["text_embeds"] = model.encode_text(ids, attn)
 
         if "masked_text" in needs:
-            significant = batch.get("significant") if self.masking.text.strategy == "significant" else None
+            significant = batch.get(SIGNIFICANT) if self.masking.text.strategy == "significant" else None
             if self.masking.text.strategy == "significant" and significant is None:
                 raise ConfigError("masking.text.strategy: significant needs the batch's significant "
                                   "words (run `vlp significant-words --shards DIR`)")

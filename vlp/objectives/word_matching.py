@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vlp.batch import ATTENTION_MASK, SIGNIFICANT
 from vlp.config import ConfigError
 from vlp.objectives.base import Objective, ObjectiveOutput, register_objective
 
@@ -101,12 +102,12 @@ class WordMatchingObjective(Objective):
     needs = frozenset({"text_hidden", "significant"})
 
     def forward(self, outputs, batch, model=None) -> ObjectiveOutput:
-        significant = batch.get("significant")
+        significant = batch.get(SIGNIFICANT)
         if significant is None:
             raise ConfigError("word_matching needs the batch's significant words (run `vlp "
                               "significant-words --shards DIR`)")
         states, present = significant_word_states(outputs["text_hidden"], significant,
-                                                  batch["attention_mask"], self.cfg.words_per_caption)
+                                                  batch[ATTENTION_MASK], self.cfg.words_per_caption)
         words = F.normalize(model.text_proj(states).float(), dim=-1)
         loss, numbers = mil_nce_loss(outputs["image_embeds"], words, present, outputs["logit_scale"],
                                      self.cfg.symmetric)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlp.batch import PIXELS, TENSOR_DTYPES
 from vlp.config import from_dict
 from vlp.data.transforms import cached_tokenizer, pixels_to_model
 from vlp.objectives.pretraining import build_pretraining
@@ -114,16 +115,15 @@ class Trainer:
         it = self.shard.iter_torch_batches(batch_size=data.batch_size, drop_last=True,
                                            local_shuffle_buffer_size=data.shuffle_buffer or None,
                                            prefetch_batches=data.prefetch_batches,
-                                           dtypes={"pixels": torch.uint8, "input_ids": torch.long,
-                                                   "attention_mask": torch.long,
-                                                   "significant": torch.long, "lang": torch.long})
+                                           dtypes={key: getattr(torch, dtype)
+                                                   for key, dtype in TENSOR_DTYPES.items()})
         for i, batch in enumerate(it):
             if i >= skip:
                 yield batch
 
     def _to_model(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-        out["pixels"] = pixels_to_model(out["pixels"])
+        out[PIXELS] = pixels_to_model(out[PIXELS])
         return out
 
     def _autocast(self):
@@ -217,6 +217,7 @@ class Trainer:
         if self.rank != 0 or not (self.plan.eval_files or self.plan.classification):
             return {}
         from vlp.data.storage import Storage
+        from vlp.eval.summary import headline_metrics
         from vlp.eval.zero_shot import evaluate, recall_bar_chart
 
         texts: dict[str, str] = {}  # readable examples of the heads' output (decoded captions)
@@ -240,9 +241,7 @@ class Trainer:
                         f.write(text)
                     self.log.artifact(path, "eval")
         print(f"[train] eval at step {self.state.step}: " + ", ".join(
-            f"{k} {v:.1f}" for k, v in metrics.items()
-            if k.endswith(("mean_recall", "_R1", "top1", "gap", "accuracy", "bleu4", "cider"))
-            and "chance" not in k), flush=True)
+            f"{k} {v:.1f}" for k, v in headline_metrics(metrics).items()), flush=True)
         return metrics
 
     def _checkpoint(self, metrics: dict, final: bool = False) -> None:

@@ -57,7 +57,19 @@ from measure import PROCESSED, TimedStream, git_state, load_psutil, run_measured
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(REPO, ".bench", "work", "video_decode")
 RESULTS = os.path.join(REPO, "benchmarks", "results", "video_decode.json")
-FFMPEG = "/usr/bin/ffmpeg"
+
+
+def _ffmpeg_program() -> str:
+    """The ffmpeg program on PATH, else the static one the test extras bring (imageio-ffmpeg)."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+FFMPEG = _ffmpeg_program()
 BACKENDS = ("decord", "pyav")
 MODES = ("sample8", "all")
 CHUNK = 8  # frames per read() call in ``all`` mode, as vlp.curation.video._read_chunked

@@ -457,6 +457,7 @@ def test_images_versions_and_api_version_are_the_documented_ones():
 
 
 def test_the_crds_validated_against_are_the_documented_kuberay_release():
+    """The CRDs found (shared/ or VLP_KUBERAY_CRDS) are the KubeRay release that infra/README.md names."""
     crd_readme = os.path.join(_crd_dir(), "README.md")
     assert os.path.isfile(crd_readme), f"{crd_readme}: the README naming the KubeRay release of the CRDs"
     assert "KubeRay v1.7.0" in _read(os.path.join(INFRA, "README.md")) and "v1.7.0" in _read(crd_readme)

@@ -22,6 +22,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from tests.conftest import ffmpeg_exe
 from vlp.curation.filters import (
     DEFAULT_FILTERS,
     DEFAULT_VIDEO_FILTERS,
@@ -43,7 +44,6 @@ from vlp.curation.video import (
     window_spans,
 )
 from vlp.curation.video_worker import VideoDecodePool
-from tests.conftest import ffmpeg_exe
 
 FFMPEG = ffmpeg_exe()
 NO_FFMPEG = ("the ffmpeg binary makes these test videos: put ffmpeg on PATH or install the test extras "

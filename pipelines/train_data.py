@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vlp.data.schema import ShardKind
+from vlp.data.shards import ShardFile, read_shard
 from vlp.data.storage import Storage
 from vlp.data.transforms import prepare_train_batch
 from vlp.train.config import DataConfig
@@ -45,15 +45,10 @@ def read_shards(reads: pa.Table, *, storage: Storage, rows_per_batch: int, prepa
         # A video tower reads the frames; an image tower reads a clip's poster (its middle frame).
         video = ShardKind(read["kind"]) is ShardKind.VIDEO_TEXT
         pixels = "frames" if video and prepare["num_frames"] > 1 else "image"
-        fs, path = storage.resolve(read["path"])
-        left = read["rows"] if read["rows"] >= 0 else None
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows_per_batch,
-                                                        columns=[pixels, "caption", "lang"]):
-                if left is not None:
-                    if left <= 0:
-                        break
-                    batch, left = batch.slice(0, left), left - batch.num_rows
-                columns = {name: batch.column(name).to_numpy(zero_copy_only=False)
-                           for name in (pixels, "caption", "lang")}
-                yield prepare_train_batch(columns, **prepare)
+        shard = ShardFile(path=read["path"], rows=-1, selection=read.get("selection"))
+        limit = read["rows"] if read["rows"] >= 0 else None
+        for batch in read_shard(shard, storage, [pixels, "caption", "lang"],
+                                batch_size=rows_per_batch, limit=limit):
+            columns = {name: batch.column(name).to_numpy(zero_copy_only=False)
+                       for name in (pixels, "caption", "lang")}
+            yield prepare_train_batch(columns, **prepare)

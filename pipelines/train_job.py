@@ -85,7 +85,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
 
     from pipelines.ray_runtime import ensure_ray
     from pipelines.train_data import build_train_dataset
-    from vlp.train.shard_plan import split_shards
+    from vlp.train.shard_plan import eval_shards_json, split_shards
 
     started = time.monotonic()
     cfg = _absolute_paths(cfg)
@@ -110,7 +110,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
           f"{cfg.scaling.num_workers} workers; MLflow run {run_id} at {tracking_uri}",
           file=stream, flush=True)
     plan = RunPlan(train_rows=split.epoch_rows, tokenizer_dir=tokenizer_dir,
-                   eval_files=split.eval_files, classification=cfg.data.classification,
+                   eval_files=eval_shards_json(split), classification=cfg.data.classification,
                    tracking_uri=tracking_uri, mlflow_run_id=run_id, pid_dir=pid_dir)
     status = "FAILED"
     try:
@@ -167,7 +167,8 @@ def _open_mlflow_run(cfg: TrainConfig, tracking_uri: str, split) -> str:
     try:
         return open_run(cfg, tracking_uri=tracking_uri, manifest=split.manifest,
                         manifest_uri=split.manifest_uri,
-                        mix=(split.mix_manifest, split.mix_manifest_uri) if split.mix_manifest else None)
+                        mix=(split.mix_manifest, split.mix_manifest_uri) if split.mix_manifest else None,
+                        view=split.view, mix_view=split.mix_view)
     except MlflowException as e:  # unreachable server, refused credentials, bad store URI
         first = (e.message or str(e)).strip().splitlines()[0][:300]
         raise TrainingError(f"MLflow at {tracking_uri} refused the run: {first} (for a server with "

@@ -37,7 +37,7 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None,
     """
     pretraining, tokenizer, config = load_trained_pretraining(checkpoint)
     storage = Storage(config.data.storage)
-    files = ShardFolder.open(data, storage).require_rows("to evaluate on").files if data else []
+    files = list(ShardFolder.open(data, storage).require_rows("to evaluate on").shards) if data else []
     if not files and not classification:
         raise ConfigError("nothing to evaluate on: give --data (held-out shards) and/or "
                           "--classification (a labelled folder)")

@@ -18,6 +18,7 @@ import torch
 
 from vlp.batch import ATTENTION_MASK, INPUT_IDS
 from vlp.config import ConfigError
+from vlp.data.shards import as_shard_file, read_shard
 from vlp.data.storage import Storage
 from vlp.data.tokenizer import tokenize_captions
 from vlp.data.transforms import decode_media, pixels_to_model
@@ -31,17 +32,23 @@ class PairSet:
     clips: bool = False
 
 
-def load_pairs(files: list[str], storage: Storage, max_rows: int, frames: bool = False) -> PairSet:
+def load_pairs(files: list, storage: Storage, max_rows: int, frames: bool = False) -> PairSet:
     """The first ``max_rows`` held-out pairs; with ``frames``, video shards give their clips' frames
-    (image shards, and video shards for an image tower, give one image per pair)."""
+    (image shards, and video shards for an image tower, give one image per pair). ``files``: paths, or
+    ``ShardFile`` (or its dict form) to read only a view's selected rows."""
     tables, n, clips = [], 0, False
-    for path in files:
-        with storage.open_input(path) as f:
-            pf = pq.ParquetFile(pa.BufferReader(f.read()))
-            use_frames = frames and "frames" in pf.schema_arrow.names
-            t = pf.read(columns=["frames" if use_frames else "image", "caption", "lang"])
+    for item in files:
+        shard = as_shard_file(item)
+        fs, path = storage.resolve(shard.path)
+        with fs.open_input_file(path) as f:
+            use_frames = frames and "frames" in pq.ParquetFile(f).schema_arrow.names
+        columns = ["frames" if use_frames else "image", "caption", "lang"]
+        batches = list(read_shard(shard, storage, columns, limit=max_rows - n))
+        if not batches:
+            continue
+        t = pa.Table.from_batches(batches).select(columns)
         clips = clips or use_frames
-        tables.append(t.rename_columns(["media", "caption", "lang"]).slice(0, max_rows - n))
+        tables.append(t.rename_columns(["media", "caption", "lang"]))
         n += tables[-1].num_rows
         if n >= max_rows:
             break

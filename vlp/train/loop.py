@@ -38,7 +38,7 @@ class RunPlan:
 
     train_rows: int
     tokenizer_dir: str
-    eval_files: list[str]
+    eval_files: list  # held-out shard files: ShardFile as dicts (a view's selection included)
     classification: str
     tracking_uri: str
     mlflow_run_id: str

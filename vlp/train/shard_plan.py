@@ -11,33 +11,37 @@ new random order each epoch, with the mix folder's files read in turn for their 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from vlp.config import ConfigError
 from vlp.data.schema import ShardKind
-from vlp.data.shards import ShardFolder
+from vlp.data.shards import ShardFile, ShardFolder, as_shard_file
 from vlp.data.storage import Storage
 from vlp.train.config import DataConfig
 
 
 @dataclass
 class ShardSplit:
-    train_files: list[str]
+    """Shard files (``ShardFile``: a path, its rows, a view's selection) or bare paths (whole files)."""
+
+    train_files: list[ShardFile | str]
     train_rows: int
-    eval_files: list[str]
+    eval_files: list[ShardFile | str]
     eval_rows: int
     manifest: dict
     manifest_uri: str
     kind: ShardKind = ShardKind.IMAGE_TEXT  # of the train shards
-    mix_files: list[str] = field(default_factory=list)
+    view: dict | None = None  # when data.train is a view: its _view.json (manifest: its source's)
+    mix_files: list[ShardFile | str] = field(default_factory=list)
     mix_file_rows: list[int] = field(default_factory=list)
     mix_rows: int = 0  # rows in the mix folder
     mix_kind: ShardKind | str = ""
     mix_per_epoch: int = 0  # mix rows streamed per epoch
     mix_manifest: dict | None = None
     mix_manifest_uri: str = ""
+    mix_view: dict | None = None
 
     @property
     def epoch_rows(self) -> int:
@@ -56,34 +60,46 @@ def split_shards(data: DataConfig, storage: Storage) -> ShardSplit:
             raise ConfigError(f"data.holdout_shards={data.holdout_shards} leaves nothing to train on: "
                               f"{data.train} has {len(shards)} shards")
         shards, eval_shards = shards[:-data.holdout_shards], shards[-data.holdout_shards:]
-    split = ShardSplit(train_files=[s.path for s in shards], train_rows=sum(s.rows for s in shards),
-                       eval_files=[s.path for s in eval_shards],
-                       eval_rows=sum(s.rows for s in eval_shards),
-                       manifest=train.manifest, manifest_uri=train.manifest_uri, kind=train.kind)
+    split = ShardSplit(train_files=shards, train_rows=sum(s.rows for s in shards),
+                       eval_files=eval_shards, eval_rows=sum(s.rows for s in eval_shards),
+                       manifest=train.manifest, manifest_uri=train.manifest_uri, kind=train.kind,
+                       view=train.view)
     if data.mix:
         mix = ShardFolder.open(data.mix, storage).require_rows()
-        split.mix_files = mix.files
+        split.mix_files = list(mix.shards)
         split.mix_file_rows = [s.rows for s in mix.shards]
         split.mix_rows = mix.rows
         split.mix_kind = mix.kind
         split.mix_manifest, split.mix_manifest_uri = mix.manifest, mix.manifest_uri
+        split.mix_view = mix.view
         split.mix_per_epoch = round(split.train_rows * data.mix_fraction / (1 - data.mix_fraction))
     return split
 
 
 def plan_shard_reads(split: ShardSplit, epochs: int, rng: np.random.Generator) -> list[dict]:
-    """The shard reads of one pass, in order: ``{"path", "kind", "rows"}`` (``rows``: how many of the
-    file's rows to take, -1 for all)."""
+    """The shard reads of one pass, in order: ``{"path", "selection", "kind", "rows"}``
+    (``selection``: a view's row numbers of the file, or None for every row; ``rows``: how many of
+    those to take, -1 for all)."""
+
+    def read(item, kind, rows: int) -> dict:
+        shard = as_shard_file(item)
+        return {"path": shard.path, "selection": shard.selection, "kind": str(kind), "rows": rows}
+
     reads, cursor = [], 0
     for _ in range(epochs):
-        epoch = [{"path": f, "kind": str(split.kind), "rows": -1} for f in split.train_files]
+        epoch = [read(f, split.kind, -1) for f in split.train_files]
         wanted = split.mix_per_epoch
         while wanted > 0:  # the mix's files in turn, across epochs
             i = cursor % len(split.mix_files)
             take = min(wanted, split.mix_file_rows[i])
-            epoch.append({"path": split.mix_files[i], "kind": str(split.mix_kind),
-                          "rows": take if take < split.mix_file_rows[i] else -1})
+            epoch.append(read(split.mix_files[i], split.mix_kind,
+                              take if take < split.mix_file_rows[i] else -1))
             wanted -= take
             cursor += 1
         reads += [epoch[j] for j in rng.permutation(len(epoch))]
     return reads
+
+
+def eval_shards_json(split: ShardSplit) -> list[dict]:
+    """The held-out files as plain data (they travel to the workers in the run plan)."""
+    return [asdict(as_shard_file(f)) for f in split.eval_files]

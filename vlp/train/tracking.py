@@ -50,11 +50,14 @@ def safe_params(config: Any) -> dict[str, str]:
 
 
 def open_run(config, *, tracking_uri: str, manifest: dict, manifest_uri: str,
-             mix: tuple[dict, str] | None = None) -> str:
+             mix: tuple[dict, str] | None = None, view: dict | None = None,
+             mix_view: dict | None = None) -> str:
     """Create the run for ``config.run_name`` (or find the one a previous attempt made); return its id.
 
     ``manifest``/``manifest_uri``: the training shards' lineage; ``mix``: the same of the mixed-in
-    shard folder, if any (logged as a second training input)."""
+    shard folder, if any (logged as a second training input). ``view``/``mix_view``: when a folder is
+    a view (``vlp select``), its ``_view.json``: the input is then the view (its rows, predicates and
+    its own digest), tagged with its parent dataset, whose manifest is logged beside it."""
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -73,16 +76,23 @@ def open_run(config, *, tracking_uri: str, manifest: dict, manifest_uri: str,
         return previous[0].info.run_id
     with mlflow.start_run(run_name=config.run_name, tags={RUN_NAME_TAG: config.run_name}) as run:
         mlflow.log_params(safe_params(config))
-        inputs = [(manifest, manifest_uri, "dataset")] + ([(*mix, "dataset_mix")] if mix else [])
-        for shards_manifest, uri, folder in inputs:
-            digest = hashlib.sha256(json.dumps(shards_manifest, sort_keys=True).encode()).hexdigest()[:16]
+        inputs = [(manifest, manifest_uri, view, "dataset")] + (
+            [(*mix, mix_view, "dataset_mix")] if mix else [])
+        for shards_manifest, uri, selected, folder in inputs:
+            lineage = selected if selected is not None else shards_manifest
+            digest = hashlib.sha256(json.dumps(lineage, sort_keys=True).encode()).hexdigest()[:16]
             dataset = MetaDataset(source=_dataset_source(uri), name=os.path.basename(
                 os.path.dirname(uri.rstrip("/"))) or "shards", digest=digest)
-            mlflow.log_input(dataset, context="training",
-                             tags={"rows": str(shards_manifest.get("num_rows")),
-                                   "kind": str(shards_manifest.get("kind", "image-text")),
-                                   "schema_version": str(shards_manifest.get("schema_version")),
-                                   "curation_config_hash": str(shards_manifest.get("config_hash"))})
+            tags = {"rows": str(shards_manifest.get("num_rows")),
+                    "kind": str(shards_manifest.get("kind", "image-text")),
+                    "schema_version": str(shards_manifest.get("schema_version")),
+                    "curation_config_hash": str(shards_manifest.get("config_hash"))}
+            if selected is not None:
+                tags.update(rows=str(selected["rows"]), view="true", parent=str(selected["source"]),
+                            parent_rows=str(shards_manifest.get("num_rows")),
+                            parent_digest=str(selected["source_manifest_sha256"]))
+                mlflow.log_dict(selected, f"{folder}/_view.json")
+            mlflow.log_input(dataset, context="training", tags=tags)
             mlflow.log_dict(shards_manifest, f"{folder}/_manifest.json")
         return run.info.run_id
 

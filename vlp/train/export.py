@@ -1,0 +1,381 @@
+"""Export a trained dual encoder as a Hugging Face folder that ``transformers`` loads with its own
+classes and no project code (``vlp export --checkpoint CKPT --format hf --output DIR``).
+
+``export_hf`` reads a training checkpoint (``vlp.train.checkpoint``), maps the towers onto
+``transformers`` classes, saves model, tokenizer and image processor with ``save_pretrained``, then
+reloads the folder and checks that it embeds as the project does (to ``CHECK_TOLERANCE``) before the
+folder appears at ``output``. Our ``vit`` + ``bert`` towers become a ``VisionTextDualEncoderModel``:
+
+    ours                                   exported
+    image_encoder.vit (ViTModel, no pooler) vision_model: ViTModel with pooler dense = identity, bias 0,
+                                             pooler_act "linear" (the identity): pooler_output is the
+                                             CLS state, exactly as our ``cls`` pooling
+    text_encoder.bert (BertModel, no pooler) text_model: BertModel; its pooler is dense + tanh, fixed in
+                                             code, so dense = eps * I, bias 0, and text_projection =
+                                             ours / eps: tanh(eps x) / eps = x (1 - d), 0 <= d <= (eps B)^2 / 3,
+                                             B a bound on the CLS state (``_state_bound``); eps = 2^-12 / B
+                                             makes d <= 2e-8, below float32's resolution
+    image_proj, text_proj                   visual_projection, text_projection (/ eps, above)
+    logit_scale (clamped at max_logit_scale) logit_scale, the clamp applied
+    logit_bias (SigLIP)                     no field in the class: kept in config.json (``vlp_export``)
+
+The image processor (``ViTImageProcessor``, saved beside the model with the tokenizer so that
+``AutoProcessor`` loads a ``VisionTextDualEncoderProcessor``) does the evaluation path of
+``vlp.data.transforms``: the whole image resized to ``image_size`` square with PIL's bilinear filter,
+/255, normalised by ``PIXEL_MEAN`` / ``PIXEL_STD``. It is exact with the PIL backend
+(``backend="pil"``; the default when torchvision is not installed); our decoder also lets libjpeg
+decode a JPEG at a reduced scale (``Image.draft``), which a caller reproduces by calling
+``im.draft("RGB", (size, size))`` before the processor (the exported README says so).
+
+Refused (``ConfigError``, one reason per case; ``export_refusals``): video models (``num_frames`` > 1,
+the ``video_vit`` and ``videomae`` towers), our own ``transformer`` text tower, ``mean`` pooling (the
+classes' poolers read the first token only) and a fusion encoder: no ``transformers`` class holds them.
+A new pair of towers gets an exporter in ``_EXPORTERS`` (keyed by their registered names); a tower
+that no ``transformers`` class can hold gets its reason in ``_NO_HF_CLASS``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.batch import ATTENTION_MASK, INPUT_IDS
+from vlp.config import ConfigError, from_dict
+from vlp.data.tokenizer import tokenize_captions
+from vlp.data.transforms import PIXEL_MEAN, PIXEL_STD, decode_images, pixels_to_model
+from vlp.models.config import DualEncoderConfig
+from vlp.train.checkpoint import load_state, load_trained_model
+
+# Largest |eps * x| fed to the BERT pooler's tanh: tanh(y) / y >= 1 - y^2 / 3 = 1 - 2e-8 there.
+TANH_LINEAR_LIMIT = 2.0 ** -12
+# The reloaded export must embed as the checkpoint does to this (max abs difference, unit vectors).
+CHECK_TOLERANCE = 1e-5
+
+_NO_HF_CLASS = {
+    "video_vit": "image tower 'video_vit' is this project's space-time ViT, which no transformers class "
+                 "holds",
+    "videomae": "image tower 'videomae' is a video encoder, and transformers' dual-encoder classes embed "
+                "single images",
+    "transformer": "text tower 'transformer' is this project's own text encoder, which no transformers "
+                   "class holds",
+}
+# Probe captions of the export's own check: English, Chinese, and one longer than most limits.
+_PROBE_CAPTIONS = ("a photo of a cat sitting on a red mat", "一只猫坐在红色的垫子上",
+                   " ".join(["a long caption that runs past the text limit"] * 8))
+
+
+@dataclass
+class _Exported:
+    """An exporter's result: the ``transformers`` model and what it records about the mapping."""
+
+    model: Any
+    notes: dict[str, Any]
+
+
+def _towers(model_cfg: DualEncoderConfig) -> str:
+    return f"{model_cfg.image.name} + {model_cfg.text.name}"
+
+
+def export_refusals(model_cfg: DualEncoderConfig) -> list[str]:
+    """Why a model of this config cannot leave as a Hugging Face folder (empty: it can)."""
+    reasons = []
+    if model_cfg.num_frames > 1:
+        reasons.append(f"model.num_frames is {model_cfg.num_frames}: a video model, and transformers' "
+                       "dual-encoder classes embed single images")
+    pair = (model_cfg.image.name, model_cfg.text.name)
+    known = [name for name in pair if name in _NO_HF_CLASS]
+    reasons += [_NO_HF_CLASS[name] for name in known]
+    if not known and pair not in _EXPORTERS:
+        reasons.append(f"towers {_towers(model_cfg)} have no Hugging Face export (exported: "
+                       f"{', '.join(' + '.join(p) for p in _EXPORTERS)})")
+    for role, tower in (("image", model_cfg.image), ("text", model_cfg.text)):
+        if tower.pooling != "cls" and tower.name not in _NO_HF_CLASS:
+            reasons.append(f"model.{role}.pooling is {tower.pooling!r}: the exported {role} model's "
+                           "pooler reads the first token only, so it has no transformers equivalent")
+    if model_cfg.fusion.enabled:
+        reasons.append("model.fusion: the fusion encoder has no transformers class, and a dual-encoder "
+                       "export would drop it")
+    return reasons
+
+
+def _copy_config(config):
+    return type(config).from_dict(config.to_dict())
+
+
+def _load_tower(target: nn.Module, source: nn.Module, new_prefix: str) -> None:
+    """``source``'s weights into ``target``, which has them all plus its pooler (``new_prefix``)."""
+    missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not key.startswith(new_prefix) for key in missing):
+        raise RuntimeError(f"{type(target).__name__} does not hold the tower's weights: missing "
+                           f"{missing}, unexpected {unexpected}")
+
+
+def _state_bound(model: nn.Module) -> float:
+    """A bound on |last_hidden_state| of a post-LayerNorm encoder: its last LayerNorm gives unit
+    variance, zero mean vectors z, so |z_i| <= sqrt(H - 1) and |y_i| <= |gamma_i| sqrt(H - 1) + |beta_i|."""
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    if not norms:
+        raise ConfigError(f"text tower {type(model).__name__} has no LayerNorm to bound its output by")
+    norm = norms[-1]
+    width = norm.normalized_shape[-1]
+    gamma = norm.weight.detach().abs() if norm.weight is not None else torch.ones(width)
+    beta = norm.bias.detach().abs() if norm.bias is not None else torch.zeros(width)
+    return float((gamma * math.sqrt(max(width - 1, 1)) + beta).max())
+
+
+def _vit_bert(model) -> _Exported:
+    """``vit`` + ``bert`` -> ``VisionTextDualEncoderModel`` (the mapping in the module docstring)."""
+    from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel, ViTModel
+
+    vit, bert = model.image_encoder.vit, model.text_encoder.bert
+    vision_cfg = _copy_config(vit.config)
+    vision_cfg.pooler_act = "linear"
+    vision_cfg.pooler_output_size = vision_cfg.hidden_size
+    text_cls = type(bert)
+    try:
+        text = text_cls(_copy_config(bert.config), add_pooling_layer=True)
+    except TypeError:
+        text = None
+    pooler = getattr(text, "pooler", None)
+    if not (isinstance(getattr(pooler, "dense", None), nn.Linear)
+            and isinstance(getattr(pooler, "activation", None), nn.Tanh)):
+        raise ConfigError(f"the text tower's {text_cls.__name__} has no first-token dense + tanh pooler "
+                          "for VisionTextDualEncoderModel to read")
+    eps = TANH_LINEAR_LIMIT / _state_bound(bert)
+    vision = ViTModel(vision_cfg, add_pooling_layer=True,
+                      use_mask_token=getattr(vit.embeddings, "mask_token", None) is not None)
+    cfg = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config, text.config, projection_dim=model.cfg.embed_dim,
+        logit_scale_init_value=min(float(model.logit_scale), math.log(model.cfg.max_logit_scale)))
+    hf = VisionTextDualEncoderModel(config=cfg, vision_model=vision, text_model=text)
+    # weights go in after the wrapper is built: its post_init may initialise its submodules
+    with torch.no_grad():
+        _load_tower(hf.vision_model, vit, "pooler.")
+        _load_tower(hf.text_model, bert, "pooler.")
+        hf.vision_model.pooler.dense.weight.copy_(torch.eye(vision_cfg.hidden_size))
+        hf.vision_model.pooler.dense.bias.zero_()
+        hf.text_model.pooler.dense.weight.copy_(torch.eye(bert.config.hidden_size) * eps)
+        hf.text_model.pooler.dense.bias.zero_()
+        hf.visual_projection.weight.copy_(model.image_proj.weight)
+        hf.text_projection.weight.copy_(model.text_proj.weight / eps)
+        hf.logit_scale.fill_(cfg.logit_scale_init_value)
+    notes = {
+        "model_class": "VisionTextDualEncoderModel",
+        "vision_model": type(vision).__name__,
+        "text_model": text_cls.__name__,
+        "vision_pooler": "dense = identity, bias 0, pooler_act linear: pooler_output is the CLS state",
+        "text_pooler": ("dense = eps * identity, bias 0, tanh (fixed in BertPooler); text_projection = "
+                        "ours / eps, so tanh(eps x) / eps = x (1 - d), 0 <= d <= (eps B)^2 / 3 <= 2e-8 "
+                        "with B bounding the CLS state from the last LayerNorm"),
+        "text_pooler_eps": eps,
+        "text_state_bound": TANH_LINEAR_LIMIT / eps,
+    }
+    return _Exported(hf, notes)
+
+
+# (image tower, text tower) registered names -> exporter.
+_EXPORTERS: dict[tuple[str, str], Callable[[Any], _Exported]] = {("vit", "bert"): _vit_bert}
+
+
+def _image_processor(image_size: int):
+    from transformers import ViTImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    return ViTImageProcessorPil(
+        do_resize=True, size={"height": image_size, "width": image_size},
+        resample=PILImageResampling.BILINEAR, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(PIXEL_MEAN), image_std=list(PIXEL_STD), do_convert_rgb=True)
+
+
+def _probe_image(image_size: int) -> bytes:
+    """A PNG larger than the model's input and not square, so that the resize is checked too."""
+    rng = np.random.default_rng(0)
+    h, w = image_size * 3 // 2 + 3, image_size * 2 + 5
+    base = rng.integers(0, 256, size=(h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(base, 4, axis=0), 4, axis=1)[:h, :w]
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def _check(folder: str, model, tokenizer, model_cfg: DualEncoderConfig) -> dict[str, float]:
+    """Reload ``folder`` with ``transformers`` alone and compare its unit embeddings (and its
+    processor's pixels) with the checkpoint's on a probe image and captions."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    hf = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder)
+    png = _probe_image(model_cfg.image_size)
+    ours_pixels = pixels_to_model(torch.from_numpy(decode_images([png], model_cfg.image_size)))
+    with Image.open(io.BytesIO(png)) as im:
+        hf_pixels = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+    tok = tokenize_captions(tokenizer, list(_PROBE_CAPTIONS), model_cfg.max_text_length)
+    ours_text = model.encode_text(torch.from_numpy(tok[INPUT_IDS]), torch.from_numpy(tok[ATTENTION_MASK]))
+    enc = hf_tokenizer(list(_PROBE_CAPTIONS), padding=True, truncation=True, return_tensors="pt")
+    diffs = {
+        "pixels": (hf_pixels - ours_pixels).abs().max().item(),
+        "image": (_unit(hf.get_image_features(pixel_values=hf_pixels))
+                  - model.encode_image(ours_pixels)).abs().max().item(),
+        "text": (_unit(hf.get_text_features(**enc)) - ours_text).abs().max().item(),
+    }
+    worst = max(diffs, key=diffs.get)
+    if not diffs[worst] <= CHECK_TOLERANCE:  # also catches NaN
+        raise RuntimeError(f"the exported model does not reproduce the checkpoint: {worst} differs by "
+                           f"{diffs[worst]:.3g} (tolerance {CHECK_TOLERANCE})")
+    return diffs
+
+
+def _unit(features) -> torch.Tensor:
+    """``get_*_features`` output (a tensor in transformers 4, an output with the projected
+    ``pooler_output`` in 5) as unit vectors."""
+    tensor = features if torch.is_tensor(features) else features.pooler_output
+    return F.normalize(tensor, dim=-1)
+
+
+def _readme(model_cfg: DualEncoderConfig, notes: dict[str, Any]) -> str:
+    size = model_cfg.image_size
+    bias = notes.get("logit_bias")
+    return f"""# Dual encoder exported from vlp
+
+A `{notes['model_class']}` ({notes['vision_model']} + {notes['text_model']}, {model_cfg.embed_dim}-d
+embeddings) with its tokenizer and image processor; it loads with `transformers` alone:
+
+```python
+import torch, torch.nn.functional as F
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+model = AutoModel.from_pretrained(DIR).eval()
+tokenizer = AutoTokenizer.from_pretrained(DIR)
+processor = AutoImageProcessor.from_pretrained(DIR, backend="pil")
+im = Image.open(PATH)
+im.draft("RGB", ({size}, {size}))  # as the project's decoder (JPEG only; a no-op otherwise)
+pixels = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
+text = tokenizer(["a photo of a cat", "一只猫"], padding=True, truncation=True, return_tensors="pt")
+with torch.no_grad():
+    image_embeds = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    text_embeds = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)
+```
+
+These unit embeddings equal the project's (`DualEncoder.encode_image` / `encode_text` after its
+evaluation preprocessing) to {CHECK_TOLERANCE:g}, checked when the folder was written
+(`vlp_export.max_abs_diff` in config.json). What makes them equal:
+
+- **Images**: the whole image resized to {size}x{size} with PIL's bilinear filter, /255, normalised
+  by mean {list(PIXEL_MEAN)} and std {list(PIXEL_STD)}. Exact with the processor's PIL backend
+  (`backend="pil"`; the torchvision backend resizes differently). The project lets libjpeg decode a
+  JPEG at a reduced scale first (`Image.draft`, above). Transparent images: the project drops alpha,
+  the processor composites onto white.
+- **Vision pooler**: identity dense, `pooler_act: linear`: `pooler_output` is the CLS state.
+- **Text pooler**: BertPooler's tanh is fixed in code, so it runs in its linear range: its dense is
+  eps * identity (eps = {notes['text_pooler_eps']:.4g}) and `text_projection` is the trained
+  projection / eps; tanh(eps x) / eps equals x to a relative 2e-8 for every CLS state the model can
+  produce (bounded by {notes['text_state_bound']:.4g} from its last LayerNorm). Run the text model in
+  float32 or bfloat16: float16 cannot hold pooled values this small precisely.
+- **Text**: the tokenizer truncates at {model_cfg.max_text_length} tokens (`model_max_length`), as in
+  training; padding does not change the embeddings.
+- **Temperature**: `logit_scale` holds the trained one clamped at the training maximum.
+{f"- **Logit bias** (SigLIP): {bias:.6g}, which this class does not apply; add it to the logits yourself (config.json: `vlp_export.logit_bias`)." if bias is not None else ""}
+"""
+
+
+def _read_config(checkpoint: str):
+    from vlp.train.config import TrainConfig
+
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(os.path.join(checkpoint, "model.pt")) or not os.path.isfile(path):
+        raise ConfigError(f"{checkpoint} is not a training checkpoint (no model.pt and config.json)")
+    with open(path) as f:
+        return from_dict(TrainConfig, json.load(f))
+
+
+def _check_output(output: str) -> None:
+    if "://" in output:
+        raise ConfigError(f"--output {output}: the export writes a local folder")
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConfigError(f"--output {output} exists and is not an empty folder: the export does not "
+                          "overwrite; remove it or choose another")
+
+
+def export_hf(checkpoint: str, output: str) -> dict[str, Any]:
+    """Write a ``vlp train`` checkpoint as a Hugging Face folder (model, tokenizer, image processor,
+    README) that ``transformers`` loads with its own classes, and check it embeds as the checkpoint.
+
+    The folder is built beside ``output`` and renamed into place once checked, so ``output`` is either
+    absent or complete. ``output`` must not exist or be an empty folder (an export never overwrites).
+
+    Returns:
+        ``output``, the classes, embedding size, the mapping's notes, ``max_abs_diff`` (the check's
+        largest differences: ``pixels``, ``image``, ``text``), ``left_out`` (what the folder does not
+        carry) and ``summary``, one line to print.
+
+    Raises:
+        ConfigError: not a checkpoint, a model that no ``transformers`` class holds (each reason
+            named), or ``output`` in the way.
+        RuntimeError: the reloaded export does not reproduce the checkpoint (an export bug).
+    """
+    config = _read_config(checkpoint)
+    reasons = export_refusals(config.model)
+    if reasons:
+        raise ConfigError(f"cannot export {checkpoint} as a Hugging Face model: {'; '.join(reasons)}")
+    _check_output(output)
+    model, tokenizer, config = load_trained_model(checkpoint)
+    model_cfg = config.model
+    exported = _EXPORTERS[(model_cfg.image.name, model_cfg.text.name)](model)
+    notes = exported.notes
+    left_out = []
+    if model.logit_bias is not None:
+        notes["logit_bias"] = float(model.logit_bias)
+        left_out.append("logit_bias (kept in config.json: vlp_export.logit_bias)")
+    if os.path.exists(os.path.join(checkpoint, "objectives.pt")):
+        left_out.append("the objectives' heads (objectives.pt): training heads, not the dual encoder")
+    step = load_state(checkpoint).step if os.path.exists(os.path.join(checkpoint, "state.json")) else None
+    tokenizer.model_max_length = model_cfg.max_text_length
+
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.", dir=parent)
+    try:
+        from transformers import VisionTextDualEncoderProcessor
+
+        VisionTextDualEncoderProcessor(image_processor=_image_processor(model_cfg.image_size),
+                                       tokenizer=tokenizer).save_pretrained(staging)
+        exported.model.config.vlp_export = {**notes, "checkpoint": os.path.basename(
+            os.path.normpath(checkpoint)), "step": step}
+        exported.model.save_pretrained(staging)
+        diffs = _check(staging, model, tokenizer, model_cfg)
+        exported.model.config.vlp_export["max_abs_diff"] = diffs
+        exported.model.config.save_pretrained(staging)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+            f.write(_readme(model_cfg, notes))
+        os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the folder from other users
+        os.replace(staging, output)  # over an empty folder too; atomic on one filesystem
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    worst = max(diffs["image"], diffs["text"])
+    return {
+        "output": output, "format": "hf", "checkpoint": checkpoint, "step": step, **notes,
+        "embed_dim": model_cfg.embed_dim, "image_size": model_cfg.image_size,
+        "max_text_length": model_cfg.max_text_length, "max_abs_diff": diffs, "left_out": left_out,
+        "summary": (f"exported {checkpoint} to {output} as {notes['model_class']} "
+                    f"({notes['vision_model']} + {notes['text_model']}, {model_cfg.embed_dim}-d); "
+                    f"reloaded embeddings match to {worst:.1e}"
+                    + (f"; left out: {', '.join(left_out)}" if left_out else "")),
+    }

@@ -6,6 +6,9 @@
     vlp significant-words --shards DIR [--top-k N]
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
+    vlp score --shards DIR --model M --name NAME [--set key=value ...] [--resume]
+    vlp select --shards DIR --output VIEW [--where EXPR ...] [--top-fraction F --by COL [--per-lang]]
+               [--materialize]
     vlp quickstart [--workdir DIR]
     vlp submit [--address URL] [--working-dir DIR] [--env KEY=VALUE ...] [...] -- COMMAND ...
     vlp jobs status|logs|stop JOB_ID | vlp jobs list
@@ -72,6 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="held-out shard folder for retrieval")
     ev.add_argument("--classification", help="labelled folder (data.parquet + classes.json)")
     ev.add_argument("--output", help="write the metrics as JSON here too")
+    score = sub.add_parser("score", help="score curated pairs with a dual encoder (sidecars beside the "
+                           "shards, in _scores/NAME/)")
+    score.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
+    score.add_argument("--model", required=True,
+                       help="a vlp train checkpoint folder, or a local Hugging Face folder (CLIPModel, "
+                       "ChineseCLIPModel, SiglipModel, VisionTextDualEncoderModel)")
+    score.add_argument("--name", required=True, help="the scores' name: columns scores.NAME.* in vlp select")
+    score.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="a scoring setting, e.g. --set embeddings=true --set batch_size=128")
+    score.add_argument("--resume", action="store_true", help="finish an interrupted scoring run")
+    select = sub.add_parser("select", help="keep rows by metadata and scores: a view (no pixels copied) "
+                            "or, with --materialize, new shards")
+    select.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
+    select.add_argument("--output", required=True, help="the view's folder (empty or new)")
+    select.add_argument("--where", action="append", default=[], metavar="EXPR",
+                        help="a condition, e.g. \"scores.clip.clip_score >= 0.28\", \"lang == 'zh'\", "
+                        "\"width >= 224\" (repeatable: all must hold)")
+    select.add_argument("--top-fraction", type=float, help="then keep this best fraction, by --by")
+    select.add_argument("--by", default="", help="the column ranking rows for --top-fraction")
+    select.add_argument("--per-lang", action="store_true",
+                        help="--top-fraction within each caption language")
+    select.add_argument("--materialize", action="store_true",
+                        help="write real shards with the selected rows instead of a view")
     quick = sub.add_parser("quickstart", help="the main job on the embedded default, end to end")
     quick.add_argument("--workdir", default="quickstart")
     quick.add_argument("--rows", type=int, default=1600)
@@ -155,6 +181,35 @@ def _eval(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    from pipelines.scoring_job import run_scoring
+    from vlp.scoring.config import ScoreConfig
+
+    config = load_config(ScoreConfig, None, args.overrides)
+    stats = run_scoring(args.shards, args.model, args.name, config, resume=args.resume)
+    return 0 if stats["scored"] else 1
+
+
+def _select(args) -> int:
+    from vlp.data.shards import ShardFolder
+    from vlp.data.storage import Storage
+    from vlp.scoring.select import Selection, materialize, select_rows, write_view
+
+    storage = Storage()
+    selection = Selection(where=tuple(args.where), top_fraction=args.top_fraction, by=args.by,
+                          per_lang=args.per_lang)
+    folder = ShardFolder.open(args.shards, storage).require_rows("to select from")
+    chosen = select_rows(folder, selection, storage)
+    write = materialize if args.materialize else write_view
+    stats = write(folder, chosen, selection, args.output, storage)
+    what = "shards" if args.materialize else "view"
+    print(f"[select] kept {stats['rows_kept']:,} of {stats['rows_in']:,} rows "
+          f"({100 * stats['fraction_kept']:.1f}%) -> {what} {args.output}")
+    for lang, s in stats["by_language"].items():
+        print(f"  {lang:<8} {s['rows_kept']:>9,} of {s['rows_in']:>9,}")
+    return 0
+
+
 def _quickstart(args) -> int:
     import shutil
 
@@ -222,15 +277,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vlp: error: {e}", file=sys.stderr)
             return 2
     from pipelines.curation_job import CurationError
+    from pipelines.scoring_job import ScoringError
     from pipelines.sources import InputError
     from pipelines.train_job import TrainingError
 
     handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
                 "tokenizer": _tokenizer, "significant-words": _significant_words, "train": _train,
-                "eval": _eval}
+                "eval": _eval, "score": _score, "select": _select}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CurationError, InputError, TrainingError) as e:
+    except (ConfigError, CurationError, InputError, ScoringError, TrainingError) as e:
         print(f"vlp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -276,9 +276,9 @@ def _score_shards(todo, output, storage, config, model_path, loaded, media_colum
         ctx.print_on_execution_start = False
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0)
-        encoders = config.encoders or (
-            max(1, int(gpus // config.gpus_per_encoder)) if gpus else
-            max(1, int(resources.get("CPU", 1.0) // (config.cpus_per_encoder + config.cpus_per_prepare_task))))
+        per_encoder = config.cpus_per_encoder + config.cpus_per_prepare_task
+        encoders = config.encoders or (max(1, int(gpus // config.gpus_per_encoder)) if gpus else
+                                       max(1, int(resources.get("CPU", 1.0) // per_encoder)))
         prepare = dict(preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
                        max_text_length=loaded.max_text_length, video_frames=config.video_frames,
                        model_frames=model_frames, frame_slots=frame_slots)

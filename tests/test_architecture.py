@@ -31,6 +31,7 @@ ALLOWED = {
     "vlp.eval": {"vlp.config", "vlp.registry", "vlp.batch", "vlp.data"},
     "vlp.train": {"vlp.config", "vlp.registry", "vlp.batch", "vlp.data", "vlp.distributed",
                   "vlp.losses", "vlp.models", "vlp.objectives", "vlp.eval"},
+    "vlp.scoring": {"vlp.config", "vlp.registry", "vlp.batch", "vlp.data", "vlp.models"},
     # the public surface re-exports from every layer
     "vlp.api": {"vlp.config", "vlp.registry", "vlp.data", "vlp.curation", "vlp.models",
                 "vlp.objectives", "vlp.eval", "vlp.train"},

@@ -187,9 +187,10 @@ def _normalise_in_place(x: np.ndarray) -> np.ndarray:
 
 def fit_centroids(sample, clusters: int, config: SemanticDedupConfig = SemanticDedupConfig()
                   ) -> np.ndarray:
-    """Spherical k-means centroids (clusters, dim), unit-norm float32, fitted on every valid row of
-    ``sample`` (the caller samples: see ``fit_sample_size``). Fewer valid rows than ``clusters``
-    gives one centroid per row.
+    """Spherical k-means centroids (at most ``clusters``, dim), unit-norm float32, fitted on every
+    valid row of ``sample`` (the caller samples: see ``fit_sample_size``). Fewer valid rows than
+    ``clusters`` gives at most one centroid per row; centroids whose cosine reaches
+    ``config.threshold`` are merged into one.
 
     Raises:
         ValueError: no row of the sample has a finite, non-zero embedding.
@@ -209,7 +210,14 @@ def fit_centroids(sample, clusters: int, config: SemanticDedupConfig = SemanticD
     kmeans.train(x)
     centroids = np.array(kmeans.centroids, dtype=np.float32)
     _normalise_in_place(centroids)
-    return centroids
+    # k-means spends several centroids on one heavy mass (thousands of copies of one placeholder
+    # image): its rows, which differ only by rounding, would scatter over near-identical centroids
+    # and never meet. Centroids as alike as duplicates are merged; the most populated one stays.
+    labels, _ = assign_clusters(x, centroids)
+    population = np.bincount(labels, minlength=k)
+    order_keys = np.char.zfill(np.arange(k).astype(str), 12)  # ties: the lower index
+    merged = dedup_cluster(centroids, population, order_keys, config.threshold, config.block_rows)
+    return centroids[merged.kept]
 
 
 def assign_clusters(embeddings, centroids: np.ndarray, batch_rows: int = 0

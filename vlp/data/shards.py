@@ -156,8 +156,9 @@ def as_shard_file(item: "ShardFile | dict | str") -> ShardFile:
     file, its rows unknown)."""
     if isinstance(item, ShardFile):
         return item
-    if isinstance(item, dict):
-        return ShardFile(**item)
+    if isinstance(item, dict):  # a ShardFile's fields, or a planned read that has them
+        return ShardFile(path=item["path"], rows=int(item.get("rows", -1)),
+                         selection=item.get("selection"))
     return ShardFile(path=item, rows=-1)
 
 

@@ -6,28 +6,29 @@ classes and no project code (``vlp export --checkpoint CKPT --format hf --output
 reloads the folder and checks that it embeds as the project does (to ``CHECK_TOLERANCE``) before the
 folder appears at ``output``. Our ``vit`` + ``bert`` towers become a ``VisionTextDualEncoderModel``:
 
-    ours                                   exported
-    image_encoder.vit (ViTModel, no pooler) vision_model: ViTModel with pooler dense = identity, bias 0,
-                                             pooler_act "linear" (the identity): pooler_output is the
-                                             CLS state, exactly as our ``cls`` pooling
-    text_encoder.bert (BertModel, no pooler) text_model: BertModel; its pooler is dense + tanh, fixed in
-                                             code, so dense = eps * I, bias 0, and text_projection =
-                                             ours / eps: tanh(eps x) / eps = x (1 - d), 0 <= d <= (eps B)^2 / 3,
-                                             B a bound on the CLS state (``_state_bound``); eps = 2^-12 / B
-                                             makes d <= 2e-8, below float32's resolution
-    image_proj, text_proj                   visual_projection, text_projection (/ eps, above)
+    ours                                     exported
+    image_encoder.vit (ViTModel, no pooler)  vision_model: ViTModel, pooler dense = identity, bias 0,
+                                             pooler_act "linear" (the identity): its pooler_output is
+                                             the CLS state, which is our ``cls`` pooling
+    text_encoder.bert (BertModel, no pooler) text_model: BertModel, whose pooler is dense + tanh (fixed
+                                             in code): dense = eps * I, bias 0, and text_projection =
+                                             ours / eps, so tanh(eps x) / eps = x (1 - d) with
+                                             0 <= d <= (eps B)^2 / 3, B a bound on the CLS state
+                                             (``_state_bound``); eps = 2^-12 / B makes d <= 2e-8,
+                                             below float32's resolution
+    image_proj, text_proj                    visual_projection, text_projection (/ eps, above)
     logit_scale (clamped at max_logit_scale) logit_scale, the clamp applied
-    logit_bias (SigLIP)                     no field in the class: kept in config.json (``vlp_export``)
+    logit_bias (SigLIP)                      no field in the class: kept in config.json (``vlp_export``)
 
-The image processor (``ViTImageProcessor``, saved beside the model with the tokenizer so that
-``AutoProcessor`` loads a ``VisionTextDualEncoderProcessor``) does the evaluation path of
+The image processor (``ViTImageProcessor``, saved with the tokenizer as one
+``VisionTextDualEncoderProcessor``, so that ``AutoProcessor`` loads both) does the evaluation path of
 ``vlp.data.transforms``: the whole image resized to ``image_size`` square with PIL's bilinear filter,
 /255, normalised by ``PIXEL_MEAN`` / ``PIXEL_STD``. It is exact with the PIL backend
-(``backend="pil"``; the default when torchvision is not installed); our decoder also lets libjpeg
-decode a JPEG at a reduced scale (``Image.draft``), which a caller reproduces by calling
+(``backend="pil"``, the default where torchvision is not installed). Our decoder also lets libjpeg
+decode a JPEG at a reduced scale (``Image.draft``); a caller reproduces it by calling
 ``im.draft("RGB", (size, size))`` before the processor (the exported README says so).
 
-Refused (``ConfigError``, one reason per case; ``export_refusals``): video models (``num_frames`` > 1,
+Refused (``ConfigError``, each reason named; ``export_refusals``): video models (``num_frames`` > 1,
 the ``video_vit`` and ``videomae`` towers), our own ``transformer`` text tower, ``mean`` pooling (the
 classes' poolers read the first token only) and a fusion encoder: no ``transformers`` class holds them.
 A new pair of towers gets an exporter in ``_EXPORTERS`` (keyed by their registered names); a tower
@@ -36,6 +37,7 @@ that no ``transformers`` class can hold gets its reason in ``_NO_HF_CLASS``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -55,7 +57,7 @@ from vlp.config import ConfigError, from_dict
 from vlp.data.tokenizer import tokenize_captions
 from vlp.data.transforms import PIXEL_MEAN, PIXEL_STD, decode_images, pixels_to_model
 from vlp.models.config import DualEncoderConfig
-from vlp.train.checkpoint import load_state, load_trained_model
+from vlp.train.checkpoint import load_state, load_trained_pretraining
 
 # Largest |eps * x| fed to the BERT pooler's tanh: tanh(y) / y >= 1 - y^2 / 3 = 1 - 2e-8 there.
 TANH_LINEAR_LIMIT = 2.0 ** -12
@@ -70,9 +72,9 @@ _NO_HF_CLASS = {
     "transformer": "text tower 'transformer' is this project's own text encoder, which no transformers "
                    "class holds",
 }
-# Probe captions of the export's own check: English, Chinese, and one longer than most limits.
+# The export's own check: English, Chinese, and a caption longer than any text limit.
 _PROBE_CAPTIONS = ("a photo of a cat sitting on a red mat", "一只猫坐在红色的垫子上",
-                   " ".join(["a long caption that runs past the text limit"] * 8))
+                   " ".join(["a long caption that runs past the text limit"] * 40))
 
 
 @dataclass
@@ -81,10 +83,6 @@ class _Exported:
 
     model: Any
     notes: dict[str, Any]
-
-
-def _towers(model_cfg: DualEncoderConfig) -> str:
-    return f"{model_cfg.image.name} + {model_cfg.text.name}"
 
 
 def export_refusals(model_cfg: DualEncoderConfig) -> list[str]:
@@ -97,7 +95,7 @@ def export_refusals(model_cfg: DualEncoderConfig) -> list[str]:
     known = [name for name in pair if name in _NO_HF_CLASS]
     reasons += [_NO_HF_CLASS[name] for name in known]
     if not known and pair not in _EXPORTERS:
-        reasons.append(f"towers {_towers(model_cfg)} have no Hugging Face export (exported: "
+        reasons.append(f"towers {' + '.join(pair)} have no Hugging Face export (exported: "
                        f"{', '.join(' + '.join(p) for p in _EXPORTERS)})")
     for role, tower in (("image", model_cfg.image), ("text", model_cfg.text)):
         if tower.pooling != "cls" and tower.name not in _NO_HF_CLASS:
@@ -122,8 +120,8 @@ def _load_tower(target: nn.Module, source: nn.Module, new_prefix: str) -> None:
 
 
 def _state_bound(model: nn.Module) -> float:
-    """A bound on |last_hidden_state| of a post-LayerNorm encoder: its last LayerNorm gives unit
-    variance, zero mean vectors z, so |z_i| <= sqrt(H - 1) and |y_i| <= |gamma_i| sqrt(H - 1) + |beta_i|."""
+    """A bound on |last_hidden_state| of a post-LayerNorm encoder: its last LayerNorm gives zero-mean
+    vectors z with sum z_i^2 <= H, so |z_i| <= sqrt(H - 1) and |y_i| <= |gamma_i| sqrt(H - 1) + |beta_i|."""
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     if not norms:
         raise ConfigError(f"text tower {type(model).__name__} has no LayerNorm to bound its output by")
@@ -145,7 +143,7 @@ def _vit_bert(model) -> _Exported:
     text_cls = type(bert)
     try:
         text = text_cls(_copy_config(bert.config), add_pooling_layer=True)
-    except TypeError:
+    except TypeError:  # a text model without the option has no pooler to read
         text = None
     pooler = getattr(text, "pooler", None)
     if not (isinstance(getattr(pooler, "dense", None), nn.Linear)
@@ -157,7 +155,7 @@ def _vit_bert(model) -> _Exported:
                       use_mask_token=getattr(vit.embeddings, "mask_token", None) is not None)
     cfg = VisionTextDualEncoderConfig.from_vision_text_configs(
         vision.config, text.config, projection_dim=model.cfg.embed_dim,
-        logit_scale_init_value=min(float(model.logit_scale), math.log(model.cfg.max_logit_scale)))
+        logit_scale_init_value=min(model.logit_scale.item(), math.log(model.cfg.max_logit_scale)))
     hf = VisionTextDualEncoderModel(config=cfg, vision_model=vision, text_model=text)
     # weights go in after the wrapper is built: its post_init may initialise its submodules
     with torch.no_grad():
@@ -171,20 +169,21 @@ def _vit_bert(model) -> _Exported:
         hf.text_projection.weight.copy_(model.text_proj.weight / eps)
         hf.logit_scale.fill_(cfg.logit_scale_init_value)
     notes = {
-        "model_class": "VisionTextDualEncoderModel",
+        "model_class": type(hf).__name__,
         "vision_model": type(vision).__name__,
         "text_model": text_cls.__name__,
         "vision_pooler": "dense = identity, bias 0, pooler_act linear: pooler_output is the CLS state",
-        "text_pooler": ("dense = eps * identity, bias 0, tanh (fixed in BertPooler); text_projection = "
-                        "ours / eps, so tanh(eps x) / eps = x (1 - d), 0 <= d <= (eps B)^2 / 3 <= 2e-8 "
-                        "with B bounding the CLS state from the last LayerNorm"),
+        "text_pooler": ("dense = eps * identity, bias 0, tanh (fixed in the class); text_projection = "
+                        "the trained one / eps, so tanh(eps x) / eps = x (1 - d), 0 <= d <= "
+                        "(eps B)^2 / 3 <= 2e-8, B (text_state_bound) bounding the CLS state by the "
+                        "last LayerNorm"),
         "text_pooler_eps": eps,
         "text_state_bound": TANH_LINEAR_LIMIT / eps,
     }
     return _Exported(hf, notes)
 
 
-# (image tower, text tower) registered names -> exporter.
+# (image tower, text tower), by registered name -> exporter.
 _EXPORTERS: dict[tuple[str, str], Callable[[Any], _Exported]] = {("vit", "bert"): _vit_bert}
 
 
@@ -200,21 +199,32 @@ def _image_processor(image_size: int):
 
 def _probe_image(image_size: int) -> bytes:
     """A PNG larger than the model's input and not square, so that the resize is checked too."""
-    rng = np.random.default_rng(0)
-    h, w = image_size * 3 // 2 + 3, image_size * 2 + 5
-    base = rng.integers(0, 256, size=(h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
-    pixels = np.repeat(np.repeat(base, 4, axis=0), 4, axis=1)[:h, :w]
     from PIL import Image
 
+    rng = np.random.default_rng(0)
+    h, w = image_size * 3 // 2 + 3, image_size * 2 + 5
+    blocks = rng.integers(0, 256, size=(h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)[:h, :w]
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 
+def _unit(features) -> torch.Tensor:
+    """``get_*_features`` output (a tensor in transformers 4; in 5 an output whose ``pooler_output``
+    is projected) as unit vectors."""
+    tensor = features if torch.is_tensor(features) else features.pooler_output
+    return F.normalize(tensor, dim=-1)
+
+
 @torch.no_grad()
 def _check(folder: str, model, tokenizer, model_cfg: DualEncoderConfig) -> dict[str, float]:
-    """Reload ``folder`` with ``transformers`` alone and compare its unit embeddings (and its
-    processor's pixels) with the checkpoint's on a probe image and captions."""
+    """Reload ``folder`` with ``transformers`` alone; the largest differences of its processor's pixels
+    and its unit embeddings from the checkpoint's, on a probe image and captions.
+
+    Raises:
+        RuntimeError: one of them exceeds ``CHECK_TOLERANCE``.
+    """
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -237,20 +247,16 @@ def _check(folder: str, model, tokenizer, model_cfg: DualEncoderConfig) -> dict[
     worst = max(diffs, key=diffs.get)
     if not diffs[worst] <= CHECK_TOLERANCE:  # also catches NaN
         raise RuntimeError(f"the exported model does not reproduce the checkpoint: {worst} differs by "
-                           f"{diffs[worst]:.3g} (tolerance {CHECK_TOLERANCE})")
+                           f"{diffs[worst]:.3g} (tolerance {CHECK_TOLERANCE:g})")
     return diffs
-
-
-def _unit(features) -> torch.Tensor:
-    """``get_*_features`` output (a tensor in transformers 4, an output with the projected
-    ``pooler_output`` in 5) as unit vectors."""
-    tensor = features if torch.is_tensor(features) else features.pooler_output
-    return F.normalize(tensor, dim=-1)
 
 
 def _readme(model_cfg: DualEncoderConfig, notes: dict[str, Any]) -> str:
     size = model_cfg.image_size
     bias = notes.get("logit_bias")
+    bias_line = (f"- **Logit bias** (SigLIP): {bias:.6g}, which this class does not apply; add it to "
+                 "the logits yourself (config.json: `vlp_export.logit_bias`).\n" if bias is not None
+                 else "")
     return f"""# Dual encoder exported from vlp
 
 A `{notes['model_class']}` ({notes['vision_model']} + {notes['text_model']}, {model_cfg.embed_dim}-d
@@ -265,7 +271,7 @@ model = AutoModel.from_pretrained(DIR).eval()
 tokenizer = AutoTokenizer.from_pretrained(DIR)
 processor = AutoImageProcessor.from_pretrained(DIR, backend="pil")
 im = Image.open(PATH)
-im.draft("RGB", ({size}, {size}))  # as the project's decoder (JPEG only; a no-op otherwise)
+im.draft("RGB", ({size}, {size}))  # as the project's decoder does (JPEG only; a no-op otherwise)
 pixels = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
 text = tokenizer(["a photo of a cat", "一只猫"], padding=True, truncation=True, return_tensors="pt")
 with torch.no_grad():
@@ -274,7 +280,7 @@ with torch.no_grad():
 ```
 
 These unit embeddings equal the project's (`DualEncoder.encode_image` / `encode_text` after its
-evaluation preprocessing) to {CHECK_TOLERANCE:g}, checked when the folder was written
+evaluation preprocessing) to {CHECK_TOLERANCE:g}, checked when this folder was written
 (`vlp_export.max_abs_diff` in config.json). What makes them equal:
 
 - **Images**: the whole image resized to {size}x{size} with PIL's bilinear filter, /255, normalised
@@ -286,20 +292,46 @@ evaluation preprocessing) to {CHECK_TOLERANCE:g}, checked when the folder was wr
 - **Text pooler**: BertPooler's tanh is fixed in code, so it runs in its linear range: its dense is
   eps * identity (eps = {notes['text_pooler_eps']:.4g}) and `text_projection` is the trained
   projection / eps; tanh(eps x) / eps equals x to a relative 2e-8 for every CLS state the model can
-  produce (bounded by {notes['text_state_bound']:.4g} from its last LayerNorm). Run the text model in
-  float32 or bfloat16: float16 cannot hold pooled values this small precisely.
+  produce (at most {notes['text_state_bound']:.4g}, bounded by its last LayerNorm). Run the text model
+  in float32 or bfloat16: float16 cannot hold pooled values this small precisely.
 - **Text**: the tokenizer truncates at {model_cfg.max_text_length} tokens (`model_max_length`), as in
   training; padding does not change the embeddings.
-- **Temperature**: `logit_scale` holds the trained one clamped at the training maximum.
-{f"- **Logit bias** (SigLIP): {bias:.6g}, which this class does not apply; add it to the logits yourself (config.json: `vlp_export.logit_bias`)." if bias is not None else ""}
-"""
+- **Temperature**: `logit_scale` holds the trained one, clamped at the training maximum.
+{bias_line}"""
+
+
+def _write(folder: str, exported: _Exported, tokenizer, model_cfg: DualEncoderConfig,
+           record: dict[str, Any]) -> None:
+    """Model, tokenizer and image processor (one ``VisionTextDualEncoderProcessor``), README."""
+    from transformers import VisionTextDualEncoderProcessor
+
+    VisionTextDualEncoderProcessor(image_processor=_image_processor(model_cfg.image_size),
+                                   tokenizer=tokenizer).save_pretrained(folder)
+    exported.model.config.vlp_export = record  # config.json: what was exported, and how
+    exported.model.save_pretrained(folder)
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+        f.write(_readme(model_cfg, exported.notes))
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """``transformers``' progress bars (writing and loading weights) off during the export."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _read_config(checkpoint: str):
     from vlp.train.config import TrainConfig
 
     path = os.path.join(checkpoint, "config.json")
-    if not os.path.isfile(os.path.join(checkpoint, "model.pt")) or not os.path.isfile(path):
+    if not (os.path.isfile(os.path.join(checkpoint, "model.pt")) and os.path.isfile(path)):
         raise ConfigError(f"{checkpoint} is not a training checkpoint (no model.pt and config.json)")
     with open(path) as f:
         return from_dict(TrainConfig, json.load(f))
@@ -309,21 +341,22 @@ def _check_output(output: str) -> None:
     if "://" in output:
         raise ConfigError(f"--output {output}: the export writes a local folder")
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-        raise ConfigError(f"--output {output} exists and is not an empty folder: the export does not "
-                          "overwrite; remove it or choose another")
+        raise ConfigError(f"--output {output} exists and is not an empty folder: an export never "
+                          "overwrites; remove it or choose another")
 
 
 def export_hf(checkpoint: str, output: str) -> dict[str, Any]:
     """Write a ``vlp train`` checkpoint as a Hugging Face folder (model, tokenizer, image processor,
-    README) that ``transformers`` loads with its own classes, and check it embeds as the checkpoint.
+    README) that ``transformers`` loads with its own classes, and check that it embeds as the
+    checkpoint does.
 
     The folder is built beside ``output`` and renamed into place once checked, so ``output`` is either
-    absent or complete. ``output`` must not exist or be an empty folder (an export never overwrites).
+    absent or complete. ``output`` must not exist, or be an empty folder: an export never overwrites.
 
     Returns:
-        ``output``, the classes, embedding size, the mapping's notes, ``max_abs_diff`` (the check's
-        largest differences: ``pixels``, ``image``, ``text``), ``left_out`` (what the folder does not
-        carry) and ``summary``, one line to print.
+        ``output``, the classes, embedding size, how the poolers map (``text_pooler_eps``),
+        ``max_abs_diff`` (the check's largest differences: ``pixels``, ``image``, ``text``),
+        ``left_out`` (what the folder does not carry) and ``summary``, one line to print.
 
     Raises:
         ConfigError: not a checkpoint, a model that no ``transformers`` class holds (each reason
@@ -335,35 +368,31 @@ def export_hf(checkpoint: str, output: str) -> dict[str, Any]:
     if reasons:
         raise ConfigError(f"cannot export {checkpoint} as a Hugging Face model: {'; '.join(reasons)}")
     _check_output(output)
-    model, tokenizer, config = load_trained_model(checkpoint)
-    model_cfg = config.model
+    pretraining, tokenizer, config = load_trained_pretraining(checkpoint)
+    model, model_cfg = pretraining.model, config.model
     exported = _EXPORTERS[(model_cfg.image.name, model_cfg.text.name)](model)
     notes = exported.notes
     left_out = []
     if model.logit_bias is not None:
-        notes["logit_bias"] = float(model.logit_bias)
+        notes["logit_bias"] = model.logit_bias.item()
         left_out.append("logit_bias (kept in config.json: vlp_export.logit_bias)")
-    if os.path.exists(os.path.join(checkpoint, "objectives.pt")):
-        left_out.append("the objectives' heads (objectives.pt): training heads, not the dual encoder")
-    step = load_state(checkpoint).step if os.path.exists(os.path.join(checkpoint, "state.json")) else None
-    tokenizer.model_max_length = model_cfg.max_text_length
+    heads = sorted({key.split(".")[0] for key in pretraining.objectives.state_dict()})
+    if heads:
+        left_out.append(f"the heads of objectives {', '.join(heads)} (training heads, not the dual "
+                        "encoder)")
+    step = load_state(checkpoint).step if os.path.isfile(os.path.join(checkpoint, "state.json")) else None
+    tokenizer.model_max_length = model_cfg.max_text_length  # truncate as training did
 
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.", dir=parent)
     try:
-        from transformers import VisionTextDualEncoderProcessor
-
-        VisionTextDualEncoderProcessor(image_processor=_image_processor(model_cfg.image_size),
-                                       tokenizer=tokenizer).save_pretrained(staging)
-        exported.model.config.vlp_export = {**notes, "checkpoint": os.path.basename(
-            os.path.normpath(checkpoint)), "step": step}
-        exported.model.save_pretrained(staging)
-        diffs = _check(staging, model, tokenizer, model_cfg)
+        with _no_progress_bars():
+            _write(staging, exported, tokenizer, model_cfg, {
+                **notes, "checkpoint": os.path.basename(os.path.normpath(checkpoint)), "step": step})
+            diffs = _check(staging, model, tokenizer, model_cfg)
         exported.model.config.vlp_export["max_abs_diff"] = diffs
         exported.model.config.save_pretrained(staging)
-        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
-            f.write(_readme(model_cfg, notes))
         os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the folder from other users
         os.replace(staging, output)  # over an empty folder too; atomic on one filesystem
     except BaseException:
@@ -377,5 +406,5 @@ def export_hf(checkpoint: str, output: str) -> dict[str, Any]:
         "summary": (f"exported {checkpoint} to {output} as {notes['model_class']} "
                     f"({notes['vision_model']} + {notes['text_model']}, {model_cfg.embed_dim}-d); "
                     f"reloaded embeddings match to {worst:.1e}"
-                    + (f"; left out: {', '.join(left_out)}" if left_out else "")),
+                    + (f"; left out: {'; '.join(left_out)}" if left_out else "")),
     }

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 
 from vlp.config import ConfigError, to_dict
 from vlp.data.storage import Storage, is_s3, join
-from vlp.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from vlp.data.tokenizer import TOKENIZER_DIR, load_tokenizer
 from vlp.eval.summary import SUMMARY_METRICS
 from vlp.train.config import TrainConfig
 from vlp.train.loop import EVAL_FILE, RunPlan, train_worker
@@ -40,7 +40,16 @@ class TrainResult:
 
 
 
-def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
+def _beside_shards(name: str, cfg: TrainConfig, split, storage: Storage, marker: str = "") -> str:
+    """Where a file saved beside the training shards is (the tokenizer, the significant words): in
+    ``data.train`` itself, or, for a view (``vlp select``) that has none of its own, in its source."""
+    own = join(cfg.data.train, name)
+    if split.view is None or storage.exists(join(own, marker) if marker else own):
+        return own
+    return join(split.view["source"], name)
+
+
+def _significant_words(cfg: TrainConfig, split, storage: Storage) -> list[str] | None:
     """The significant-word list when the objectives or the text masking read it, else None."""
     from vlp.objectives.pretraining import plan_pass
 
@@ -48,7 +57,7 @@ def _significant_words(cfg: TrainConfig, storage: Storage) -> list[str] | None:
         return None
     from vlp.data.significant_words import SIGNIFICANT_WORDS_FILE, load_significant_words
 
-    path = cfg.data.significant_words or join(cfg.data.train, SIGNIFICANT_WORDS_FILE)
+    path = cfg.data.significant_words or _beside_shards(SIGNIFICANT_WORDS_FILE, cfg, split, storage)
     if not storage.exists(path):
         raise ConfigError(f"the objectives need significant words and {path} does not exist: run "
                           f"`vlp significant-words --shards {cfg.data.train}` (or set "
@@ -91,9 +100,10 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     cfg = _absolute_paths(cfg)
     storage = Storage(cfg.data.storage)
     split = split_shards(cfg.data, storage)
-    tokenizer_dir = resolve_tokenizer_path(cfg.data.tokenizer, cfg.data.train)
+    tokenizer_dir = cfg.data.tokenizer or _beside_shards(TOKENIZER_DIR, cfg, split, storage,
+                                                         marker="tokenizer.json")
     tokenizer = load_tokenizer(tokenizer_dir, storage)  # fail here, not in every worker
-    significant = _significant_words(cfg, storage)
+    significant = _significant_words(cfg, split, storage)
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     started_ray = ensure_ray(cfg.scaling.ray_address)
     try:

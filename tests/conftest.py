@@ -221,3 +221,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """``vlp quickstart`` run once per test session, exactly as a new user runs it (its own Ray temp
+    dir): the README's main job, and the trained model later tests build on. Returns the workdir, the
+    completed process and the final checkpoint's folder."""
+    import re
+    import tempfile
+
+    workdir = tmp_path_factory.mktemp("quickstart") / "qs"
+    ray_tmp = tempfile.mkdtemp(prefix="vlpqs-", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", "quickstart", "--workdir",
+                               str(workdir)], capture_output=True, text=True, timeout=900,
+                              env=dict(os.environ, RAY_TMPDIR=ray_tmp))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    found = re.search(r"^\s+checkpoint\s+(\S+)$", done.stdout, re.MULTILINE)
+    return workdir, done, found.group(1) if found else None

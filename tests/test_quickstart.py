@@ -4,18 +4,13 @@ evaluate, log to MLflow and show that the model learned."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def test_quickstart_curates_trains_evaluates_and_learns(tmp_path, cli_env):
-    workdir = tmp_path / "qs"
-    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "quickstart", "--workdir", str(workdir)],
-                       capture_output=True, text=True, timeout=900, env=cli_env)
+def test_quickstart_curates_trains_evaluates_and_learns(quickstart_run):
+    workdir, r, _ = quickstart_run
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "(learned)" in r.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{workdir}/mlflow.db" in r.stdout

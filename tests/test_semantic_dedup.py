@@ -22,7 +22,6 @@ from vlp.curation.semantic_dedup import (
     unit_rows,
 )
 
-
 # --- the exact rule ----------------------------------------------------------------------------------
 
 
@@ -162,6 +161,21 @@ def test_kmeans_keeps_separated_groups_apart_and_is_deterministic():
     assert sims.min() > 0.9
 
 
+def test_centroids_as_alike_as_duplicates_are_merged():
+    """Copies of one image (same direction, different norms: their unit vectors differ by rounding)
+    draw several k-means centroids; these are merged, so the copies all meet in one cluster."""
+    rng = np.random.default_rng(9)
+    mass = np.tile(rng.standard_normal(16), (200, 1)) * rng.uniform(0.5, 2, (200, 1))
+    others = rng.standard_normal((20, 16))
+    x = np.vstack([mass, others]).astype(np.float32)
+    centroids = fit_centroids(x, 12, SemanticDedupConfig(seed=2))
+    assert len(centroids) < 12
+    sims = centroids @ centroids.T
+    assert sims[np.triu_indices(len(sims), 1)].max() < 0.95
+    labels, _ = assign_clusters(x, centroids)
+    assert len(set(labels[:200].tolist())) == 1
+
+
 def test_auto_clusters_is_about_the_square_root_and_never_above_the_rows():
     assert auto_clusters(10**6) == 1000
     assert auto_clusters(6 * 10**9) == 77460
@@ -263,7 +277,6 @@ def photo_set():
     """(embeddings, keys, group per row, scores): each photo and its variants form a group; textures
     stand alone. The original scores highest in its group, except for "coffee", whose JPEG re-encode
     scores highest (so the original must be the one dropped there)."""
-    pytest.importorskip("skimage")
     rng = np.random.default_rng(0)
     embeddings, keys, groups, scores = [], [], [], []
     for name in PHOTOS + DISTINCT_ONLY:
@@ -279,7 +292,7 @@ def photo_set():
             scores.append(0.9 if kind == "original" else 0.3 + 0.5 * rng.random())
     scores[keys.index("coffee/jpeg30")] = 0.95
     order = rng.permutation(len(keys))  # nothing may depend on the input order
-    take = lambda a: np.asarray(a)[order]  # noqa: E731
+    take = lambda a: np.asarray(a)[order]
     return take(np.array(embeddings)), take(keys), take(groups), take(scores)
 
 
@@ -375,9 +388,9 @@ def test_nan_score_is_kept_last():
     assert result.dropped.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("bad", [dict(threshold=1.0), dict(threshold=0.0), dict(clusters=-1),
-                                 dict(kmeans_iterations=0), dict(max_cluster_rows=2),
-                                 dict(block_rows=0), dict(sample_per_cluster=0)])
+@pytest.mark.parametrize("bad", [{"threshold": 1.0}, {"threshold": 0.0}, {"clusters": -1},
+                                 {"kmeans_iterations": 0}, {"max_cluster_rows": 2},
+                                 {"block_rows": 0}, {"sample_per_cluster": 0}])
 def test_config_rejects_values_that_cannot_work(bad):
     with pytest.raises(ValueError):
         SemanticDedupConfig(**bad)

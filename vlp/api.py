@@ -25,6 +25,7 @@ from vlp.models import DualEncoder, DualEncoderConfig, build_encoder
 from vlp.objectives.pretraining import PretrainingModel, build_pretraining
 from vlp.train.checkpoint import load_trained_model, load_trained_pretraining
 from vlp.train.config import TrainConfig
+from vlp.train.export import export_hf
 
 
 def evaluate_checkpoint(checkpoint: str, *, data: str | None = None,
@@ -48,5 +49,5 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None,
 __all__ = ["ConfigError", "CurationConfig", "DualEncoder", "DualEncoderConfig", "PretrainingModel",
            "ShardFolder", "ShardFolderError", "ShardKind", "Storage", "StorageConfig", "TrainConfig",
            "VideoCurationConfig", "build_encoder", "build_pretraining", "evaluate",
-           "evaluate_checkpoint", "load_config", "load_tokenizer", "load_trained_model",
+           "evaluate_checkpoint", "export_hf", "load_config", "load_tokenizer", "load_trained_model",
            "load_trained_pretraining"]

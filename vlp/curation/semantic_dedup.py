@@ -60,8 +60,8 @@ class SemanticDedupConfig:
             it before dedup (pairs across two parts are then missed, as across two clusters); it
             bounds one task's time (at most rows^2 x dim multiply-adds, ~4 core-minutes at 200,000
             rows of 512 dims) and memory (about 2 x rows x dim x 4 bytes). 0: no bound.
-        block_rows: rows compared per matrix product in a cluster; memory is about
-            5 x block_rows^2 x 4 bytes of scores besides the cluster itself.
+        block_rows: rows compared per matrix product in a cluster; the scratch memory is about
+            7 x block_rows^2 x 4 bytes (112 MiB at 2,048) besides the cluster itself.
     """
 
     threshold: float = 0.95
@@ -108,12 +108,12 @@ class SemanticDedupResult:
     invalid: np.ndarray
 
     @classmethod
-    def empty(cls) -> "SemanticDedupResult":
+    def empty(cls) -> SemanticDedupResult:
         none = np.zeros(0, dtype=np.int64)
         return cls(none, none, none, np.zeros(0, dtype=np.float32), none)
 
     @classmethod
-    def merge(cls, parts: list[tuple["SemanticDedupResult", np.ndarray]]) -> "SemanticDedupResult":
+    def merge(cls, parts: list[tuple[SemanticDedupResult, np.ndarray]]) -> SemanticDedupResult:
         """One result from results over subsets of the rows: ``(result, rows)`` pairs, where ``rows``
         maps the part's indices to the whole's."""
         if not parts:
@@ -146,12 +146,15 @@ class SemanticDedupResult:
 def auto_clusters(rows: int) -> int:
     """About sqrt(rows) clusters, the K that minimises the run's work when assignment is exact.
 
-    Assigning N rows to K centroids costs N x K x dim multiply-adds; dedup inside clusters of about
-    N / K rows costs at most N x (N / K) x dim / 2 (each row against the rows kept before it) and
-    k-means' uneven cluster sizes double that in practice, so the sum is smallest near
-    K = sqrt(N): 1,000 clusters of ~1,000 rows at 10^6 rows, ~77,000 of ~77,000 at 6 x 10^9 (about
-    160 MB per cluster at 512 float32 dims: one task's memory). With an approximate assignment whose
-    cost does not grow with K, smaller clusters (SemDeDup used ~9,000 rows each) would be cheaper.
+    Assigning N rows to K centroids costs N x K dot products; dedup inside clusters of about N / K
+    rows costs at most N x (N / K) / 2 (each row against the rows kept before it), times the
+    imbalance sum(n_c^2) x K / N^2 of k-means' uneven clusters. The sum is smallest at
+    K = sqrt(N x imbalance / 2); with an imbalance of 2 (1.03 on the benchmark's even synthetic
+    clusters; real data is more uneven) that is sqrt(N): 1,000 clusters of ~1,000 rows at 10^6 rows,
+    ~77,000 of ~77,000 at 6 x 10^9 (about 160 MB per cluster at 512 float32 dims: one task's
+    memory). Both dot products run at the same BLAS rate (benchmarks/README.md). With an approximate
+    assignment whose cost does not grow with K, smaller clusters (SemDeDup used ~9,000 rows each)
+    would be cheaper.
     """
     return max(1, round(math.sqrt(max(rows, 0))))
 
@@ -180,8 +183,9 @@ def unit_rows(embeddings) -> tuple[np.ndarray, np.ndarray]:
 def _normalise_in_place(x: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # no (rows, dim) temporary
     valid = np.isfinite(norms) & (norms > 0)  # a NaN or inf anywhere makes the norm non-finite
-    x[valid] /= norms[valid, None]
-    x[~valid] = 0.0
+    x /= np.where(valid, norms, 1)[:, None]  # in place: x[valid] /= ... would copy the rows
+    if not valid.all():
+        x[~valid] = 0.0
     return valid
 
 
@@ -198,7 +202,8 @@ def fit_centroids(sample, clusters: int, config: SemanticDedupConfig = SemanticD
     import faiss  # here, not at the top: assignment and dedup work without loading it
 
     x, valid = unit_rows(sample)
-    x = np.ascontiguousarray(x[valid])
+    if not valid.all():
+        x = x[valid]
     if len(x) == 0:
         raise ValueError("no finite, non-zero embedding to fit the k-means centroids on")
     k = max(1, min(clusters, len(x)))

@@ -215,15 +215,23 @@ class PretrainingModel(nn.Module):
 
 
 def build_pretraining(config, tokenizer, **context: Any) -> PretrainingModel:
-    """The ``PretrainingModel`` of an experiment config (``TrainConfig``) for ``tokenizer``."""
+    """The ``PretrainingModel`` of an experiment config (``TrainConfig``) for ``tokenizer``.
+
+    The model is fed the input pipeline's pixels (``pixels_to_model``: the project's ``PIXEL_MEAN`` /
+    ``PIXEL_STD``) and converts them where its visual tower was trained otherwise
+    (``model.pretrained``); with ``model.pretrained`` it starts from that folder's weights.
+    """
+    from vlp.data.transforms import PIXEL_MEAN, PIXEL_STD
     from vlp.models import DualEncoder
 
+    if tokenizer.mask_token_id is None and "masked_text" in plan_pass(
+            parse_objectives(config.objectives), config.masking).needs:
+        raise ConfigError("the tokenizer has no [MASK] token; masked objectives cannot run")
     model = DualEncoder(config.model, vocab_size=len(tokenizer),
                         pad_token_id=tokenizer.pad_token_id or 0,
-                        vision_mask_token=config.masking.vision.encode == "mask_token")
+                        vision_mask_token=config.masking.vision.encode == "mask_token",
+                        input_pixel_norm=(PIXEL_MEAN, PIXEL_STD))
     special = [t for t in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
                if t is not None]
-    if tokenizer.mask_token_id is None:
-        raise ConfigError("the tokenizer has no [MASK] token; masked objectives cannot run")
     return PretrainingModel(model, config.objectives, config.masking, special_ids=special,
                             mask_id=tokenizer.mask_token_id, tokenizer=tokenizer, **context)

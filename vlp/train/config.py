@@ -6,7 +6,7 @@ to MLflow as flattened params. Defaults are the tiny CPU recipe of the quickstar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from vlp.config import ConfigError
@@ -26,7 +26,8 @@ class DataConfig:
             ``train`` are held out instead (and never trained on).
         classification: labelled folder for zero-shot classification (``data.parquet`` +
             ``classes.json``); empty to skip.
-        tokenizer: tokenizer folder; empty means ``<train>/_tokenizer`` (made by ``vlp tokenizer``).
+        tokenizer: tokenizer folder; empty means ``model.pretrained``'s (the folder's own) when that is
+            set, else ``<train>/_tokenizer`` (made by ``vlp tokenizer``).
         batch_size: rows per worker per step (the global batch is this times the world size).
         mix: a second curated shard folder mixed into every epoch (e.g. video-text clips into an
             image-text run: an image is a one-frame video to a video tower, a clip its middle frame to
@@ -164,6 +165,8 @@ class TrainConfig:
         # typed once, here; fail at load time, naming the key, rather than on the workers
         object.__setattr__(self, "objectives", parse_objectives(self.objectives))
         check_objectives(self.objectives, self.model, self.masking)
+        if self.model.pretrained and not self.data.tokenizer:  # a pretrained model's own tokenizer
+            object.__setattr__(self, "data", replace(self.data, tokenizer=self.model.pretrained))
         if self.feature_accumulation < 1:
             raise ConfigError("feature_accumulation must be >= 1")
         if self.feature_accumulation > 1 and set(self.objectives) != {"contrastive"}:

@@ -1,0 +1,135 @@
+"""``vlp score`` on a small folder with a tiny random model: sidecars row for row with the shards,
+scores equal to the plain cosine of the model's embeddings, an undecodable image a null score and a
+count, statistics per language, and the refusals (no accidental append, another embedding size, a
+view, a name that is a path)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vlp.config import ConfigError, from_dict
+from vlp.data.schema import IMAGE_TEXT_SCHEMA, SCHEMA_VERSION
+from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+
+pytestmark = pytest.mark.ray
+
+
+def _photo_jpeg(i: int) -> bytes:
+    from skimage import data
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]
+    im = Image.fromarray(photos[i % len(photos)]).resize((96 + 8 * (i % 5), 80 + 4 * (i % 3)))
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+CAPTIONS = ["a woman in a space suit", "一杯咖啡", "a cat looking at the camera", "一枚火箭"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny dual encoder saved as a vlp train checkpoint (embedding size 16)."""
+    from vlp.objectives.pretraining import build_pretraining
+    from vlp.train.checkpoint import TrainState, save_checkpoint
+    from vlp.train.config import TrainConfig
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = train_tokenizer(CAPTIONS * 5, TokenizerConfig(vocab_size=200))
+    tok.save_pretrained(str(root / "tok"))
+    torch.manual_seed(0)
+
+    def save(embed_dim: int) -> str:
+        config = from_dict(TrainConfig, {"model": {"embed_dim": embed_dim, "image_size": 32}})
+        pretraining = build_pretraining(config, tok)
+        folder = str(root / f"d{embed_dim}")
+        return save_checkpoint(folder, pretraining, None, TrainState(), config, str(root / "tok"))
+
+    return save(16), save(24)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two shards in the curated format; row 2 of the second holds bytes no decoder reads."""
+    root = tmp_path / "curated"
+    root.mkdir()
+    shards, n = [], 0
+    for s, count in enumerate((7, 5)):
+        rows = []
+        for i in range(count):
+            image = _photo_jpeg(n) if not (s == 1 and i == 2) else b"\xff\xd8not a jpeg"
+            rows.append({"key": f"k{n}", "caption": CAPTIONS[n % 4], "lang": ["en", "zh"][n % 2],
+                         "image": image, "image_format": "jpeg", "width": 96, "height": 80,
+                         "orig_width": 96, "orig_height": 80, "sha256": "0" * 64, "phash": n,
+                         "source": f"s/{n}"})
+            n += 1
+        name = f"shard-{s:06d}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows, schema=IMAGE_TEXT_SCHEMA), root / name)
+        shards.append({"name": name, "rows": count, "bytes": 0})
+    (root / "_manifest.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "status": "complete", "kind": "image-text", "num_rows": n,
+         "shards": shards}))
+    return str(root)
+
+
+def test_scores_are_the_cosine_of_the_models_embeddings_row_for_row(folder, tiny_checkpoint, tmp_path):
+    from pipelines.scoring_job import run_scoring
+    from vlp.scoring.config import ScoreConfig
+    from vlp.train.pretrained import load_dual_encoder
+
+    small, other = tiny_checkpoint
+    config = ScoreConfig(batch_size=4, embeddings=True, encoders=1, cpus_per_encoder=0.5,
+                         cpus_per_prepare_task=0.5)
+    stream = io.StringIO()
+    stats = run_scoring(folder, small, "tiny", config, stream=stream)
+    assert stats["rows"] == 12 and stats["failed"] == 1 and stats["scored"] == 11
+    assert stats["clip_score"]["en"]["rows"] + stats["clip_score"]["zh"]["rows"] == 11
+    assert "11 of 12 pairs scored" in stream.getvalue()
+
+    # the reference: the model's own embeddings, one pair at a time, without Ray
+    loaded = load_dual_encoder(small)
+    out = os.path.join(folder, "_scores", "tiny")
+    for name in ("shard-000000.parquet", "shard-000001.parquet"):
+        shard = pq.read_table(os.path.join(folder, name))
+        sidecar = pq.read_table(os.path.join(out, name))
+        assert sidecar.column("key").to_pylist() == shard.column("key").to_pylist()
+        for row, image, caption in zip(range(shard.num_rows), shard.column("image").to_pylist(),
+                                       shard.column("caption").to_pylist()):
+            score = sidecar.column("clip_score")[row].as_py()
+            try:
+                pixels = loaded.preprocess([np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))])
+            except Exception:
+                assert score is None  # the undecodable row: null, still in its place
+                continue
+            tok = loaded.tokenizer([caption], padding="max_length", truncation=True,
+                                   max_length=loaded.max_text_length, return_tensors="pt")
+            with torch.no_grad():
+                img = loaded.model.encode_image(pixels)
+                txt = loaded.model.encode_text(tok["input_ids"], tok["attention_mask"])
+            assert score == pytest.approx(float((img * txt).sum()), abs=1e-5)
+            emb = np.asarray(sidecar.column("image_embedding")[row].as_py(), dtype=np.float32)
+            assert np.abs(emb - img[0].numpy()).max() < 2e-3  # float16
+    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    assert manifest["status"] == "complete" and manifest["embedding_dim"] == 16
+    assert manifest["model"]["kind"] == "checkpoint" and len(manifest["model"]["sha256"]) == 16
+
+    # refusals, before any work
+    with pytest.raises(Exception, match="--resume"):
+        run_scoring(folder, small, "tiny", config, stream=io.StringIO())
+    with pytest.raises(Exception, match="16-d embeddings, this model gives 24-d"):
+        run_scoring(folder, other, "tiny", config, resume=True, stream=io.StringIO())
+    with pytest.raises(ConfigError, match="plain name"):
+        run_scoring(folder, small, "../x", config, stream=io.StringIO())
+    # a finished run resumed is a no-op that gives the same sidecars
+    before = pq.read_table(os.path.join(out, "shard-000000.parquet"))
+    run_scoring(folder, small, "tiny", config, resume=True, stream=io.StringIO())
+    assert pq.read_table(os.path.join(out, "shard-000000.parquet")).equals(before)

@@ -4,6 +4,7 @@
 
     config = vlp.load_config(vlp.TrainConfig, "ray_configs/train_quickstart.yaml", ["data.train=DIR"])
     model, tokenizer, config = vlp.load_trained_model("runs/dual-encoder/checkpoint_000003")
+    clip = vlp.load_dual_encoder("models/chinese-clip")  # a checkpoint or a Hugging Face folder
     shards = vlp.ShardFolder.open("curated/")            # checked: complete, readable schema, kind
     metrics = vlp.evaluate_checkpoint("runs/.../checkpoint_000003", data="held_out/")
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from vlp.config import ConfigError, load_config
 from vlp.curation.config import CurationConfig, VideoCurationConfig
+from vlp.data.preprocess import ImagePreprocess
 from vlp.data.schema import ShardKind
 from vlp.data.shards import ShardFolder, ShardFolderError
 from vlp.data.storage import Storage, StorageConfig
@@ -26,6 +28,7 @@ from vlp.objectives.pretraining import PretrainingModel, build_pretraining
 from vlp.train.checkpoint import load_trained_model, load_trained_pretraining
 from vlp.train.config import TrainConfig
 from vlp.train.export import export_hf
+from vlp.train.pretrained import LoadedDualEncoder, load_dual_encoder
 
 
 def evaluate_checkpoint(checkpoint: str, *, data: str | None = None,
@@ -46,7 +49,8 @@ def evaluate_checkpoint(checkpoint: str, *, data: str | None = None,
                     classification=classification, storage=storage, pretraining=pretraining)
 
 
-__all__ = ["ConfigError", "CurationConfig", "DualEncoder", "DualEncoderConfig", "PretrainingModel",
+__all__ = ["ConfigError", "CurationConfig", "DualEncoder", "DualEncoderConfig", "ImagePreprocess",
+           "LoadedDualEncoder", "PretrainingModel", "load_dual_encoder",
            "ShardFolder", "ShardFolderError", "ShardKind", "Storage", "StorageConfig", "TrainConfig",
            "VideoCurationConfig", "build_encoder", "build_pretraining", "evaluate",
            "evaluate_checkpoint", "export_hf", "load_config", "load_tokenizer", "load_trained_model",

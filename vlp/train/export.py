@@ -75,12 +75,12 @@ TANH_LINEAR_LIMIT = 2.0 ** -12
 CHECK_TOLERANCE = 1e-5
 
 _NO_HF_CLASS = {
-    "video_vit": "image tower 'video_vit' is this project's space-time ViT, which no transformers class "
-                 "holds",
-    "videomae": "image tower 'videomae' is a video encoder, and transformers' dual-encoder classes embed "
-                "single images",
-    "transformer": "text tower 'transformer' is this project's own text encoder, which no transformers "
-                   "class holds",
+    "video_vit": ("image tower 'video_vit' is this project's space-time ViT, which no transformers "
+                  "class holds"),
+    "videomae": ("image tower 'videomae' is a video encoder, and transformers' dual-encoder classes "
+                 "embed single images"),
+    "transformer": ("text tower 'transformer' is this project's own text encoder, which no "
+                    "transformers class holds"),
 }
 # The export's own check: English, Chinese, and a caption longer than any text limit.
 _PROBE_CAPTIONS = ("a photo of a cat sitting on a red mat", "一只猫坐在红色的垫子上",
@@ -139,7 +139,7 @@ def _copy_config(config):
 
 
 def _load_tower(target: nn.Module, source: nn.Module, new_prefix: str = "") -> None:
-    """``source``'s weights into ``target``, which has them all (plus, if ``new_prefix``, its pooler)."""
+    """``source``'s weights into ``target``, which has them all (and, with ``new_prefix``, a pooler)."""
     missing, unexpected = target.load_state_dict(source.state_dict(), strict=False)
     if unexpected or any(not (new_prefix and key.startswith(new_prefix)) for key in missing):
         raise RuntimeError(f"{type(target).__name__} does not hold the tower's weights: missing "
@@ -148,7 +148,8 @@ def _load_tower(target: nn.Module, source: nn.Module, new_prefix: str = "") -> N
 
 def _state_bound(model: nn.Module) -> float:
     """A bound on |last_hidden_state| of a post-LayerNorm encoder: its last LayerNorm gives zero-mean
-    vectors z with sum z_i^2 <= H, so |z_i| <= sqrt(H - 1) and |y_i| <= |gamma_i| sqrt(H - 1) + |beta_i|."""
+    vectors z with sum z_i^2 <= H, so |z_i| <= sqrt(H - 1) and
+    |y_i| <= |gamma_i| sqrt(H - 1) + |beta_i|."""
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     if not norms:
         raise ConfigError(f"text tower {type(model).__name__} has no LayerNorm to bound its output by")
@@ -157,6 +158,11 @@ def _state_bound(model: nn.Module) -> float:
     gamma = norm.weight.detach().abs() if norm.weight is not None else torch.ones(width)
     beta = norm.bias.detach().abs() if norm.bias is not None else torch.zeros(width)
     return float((gamma * math.sqrt(max(width - 1, 1)) + beta).max())
+
+
+def _projection(module: nn.Module, width: int) -> torch.Tensor:
+    """A projection's weight; the identity where the model has none (``model.projection: none``)."""
+    return module.weight if isinstance(module, nn.Linear) else torch.eye(width)
 
 
 def _vit_bert(model) -> _Exported:
@@ -175,8 +181,8 @@ def _vit_bert(model) -> _Exported:
     pooler = getattr(text, "pooler", None)
     if not (isinstance(getattr(pooler, "dense", None), nn.Linear)
             and isinstance(getattr(pooler, "activation", None), nn.Tanh)):
-        raise ConfigError(f"the text tower's {text_cls.__name__} has no first-token dense + tanh pooler "
-                          "for VisionTextDualEncoderModel to read")
+        raise ConfigError(f"the text tower's {text_cls.__name__} has no first-token dense + tanh "
+                          "pooler for VisionTextDualEncoderModel to read")
     bound = _state_bound(bert)
     eps = TANH_LINEAR_LIMIT / bound
     vision = ViTModel(vision_cfg, add_pooling_layer=True,
@@ -193,8 +199,8 @@ def _vit_bert(model) -> _Exported:
         hf.vision_model.pooler.dense.bias.zero_()
         hf.text_model.pooler.dense.weight.copy_(torch.eye(bert.config.hidden_size) * eps)
         hf.text_model.pooler.dense.bias.zero_()
-        hf.visual_projection.weight.copy_(model.image_proj.weight)
-        hf.text_projection.weight.copy_(model.text_proj.weight / eps)
+        hf.visual_projection.weight.copy_(_projection(model.image_proj, model.cfg.embed_dim))
+        hf.text_projection.weight.copy_(_projection(model.text_proj, model.cfg.embed_dim) / eps)
         hf.logit_scale.fill_(cfg.logit_scale_init_value)
     notes = {
         "model_class": type(hf).__name__, "vision_model": type(vision).__name__,
@@ -208,12 +214,12 @@ def _vit_bert(model) -> _Exported:
     }
     mapping = [
         "**Vision pooler**: identity dense, `pooler_act: linear`: `pooler_output` is the CLS state.",
-        f"**Text pooler**: {text_cls.__name__}'s pooler applies tanh (fixed in code), so it runs in "
-        f"its linear range: its dense is eps * identity (eps = {eps:.4g}) and `text_projection` is the "
-        "trained projection / eps; tanh(eps x) / eps equals x to a relative 2e-8 for every CLS state "
-        f"the model can produce (at most {bound:.4g}, bounded by its last LayerNorm). Run the model "
-        "in float32 (exact) or bfloat16 (as close as the project's own bfloat16), not float16: the "
-        "text projection's weights / eps pass float16's range.",
+        (f"**Text pooler**: {text_cls.__name__}'s pooler applies tanh (fixed in code), so it runs in "
+         f"its linear range: its dense is eps * identity (eps = {eps:.4g}) and `text_projection` is "
+         "the trained projection / eps; tanh(eps x) / eps equals x to a relative 2e-8 for every CLS "
+         f"state the model can produce (at most {bound:.4g}, bounded by its last LayerNorm). Run the "
+         "model in float32 (exact) or bfloat16 (as close as the project's own bfloat16), not "
+         "float16: the text projection's weights / eps pass float16's range."),
     ]
     return _Exported(hf, notes, mapping)
 
@@ -228,7 +234,8 @@ def _hf_family(vision: nn.Module, text: nn.Module):
     found = ([f for f in families if (f.vision_class, f.text_class) == classes]
              or [f for f in families if (f.vision_class, f.text_class) == ("", "")])
     if len(found) != 1:
-        raise ConfigError(f"towers {' + '.join(classes)} match no single Hugging Face dual-encoder class")
+        raise ConfigError(f"towers {' + '.join(classes)} match no single Hugging Face dual-encoder "
+                          "class")
     return found[0]
 
 
@@ -261,8 +268,8 @@ def _hf_dual(model) -> _Exported:
              "text_model": type(hf.text_model).__name__}
     parts = ["its projections" if family.projections else "no projections (the towers end in "
              "their own heads)"] + (["its logit bias"] if family.logit_bias else [])
-    mapping = [f"**Towers**: the class's own sub-models, read as it reads them (the text feature: "
-               f"{_TEXT_POOLING[family.text_pooling]}), with {' and '.join(parts)}."]
+    mapping = [(f"**Towers**: the class's own sub-models, read as it reads them (the text feature: "
+                f"{_TEXT_POOLING[family.text_pooling]}), with {' and '.join(parts)}.")]
     inputs = ("input_ids", "attention_mask") if family.text_attention_mask else ("input_ids",)
     if not family.text_attention_mask:
         mapping.append("**Text inputs**: `input_ids` alone, padded to `max_length` (the model "
@@ -342,7 +349,8 @@ def _check(folder: str, model, tokenizer, model_cfg: DualEncoderConfig,
         inputs = processor(text=captions, images=[im.convert("RGB")], padding="max_length",
                            truncation=True, return_tensors="pt")
     tok = tokenize_captions(tokenizer, captions, model_cfg.max_text_length)
-    ours_text = model.encode_text(torch.from_numpy(tok[INPUT_IDS]), torch.from_numpy(tok[ATTENTION_MASK]))
+    ours_text = model.encode_text(torch.from_numpy(tok[INPUT_IDS]),
+                                  torch.from_numpy(tok[ATTENTION_MASK]))
     # the tokenizer alone, and through the processor (which takes other call defaults)
     texts = [hf_tokenizer(captions, padding="max_length", truncation=True, return_tensors="pt"),
              inputs]
@@ -365,14 +373,14 @@ def _readme(model_cfg: DualEncoderConfig, exported: _Exported, logit_bias: float
     mean, std = _pixel_norm(model_cfg)
     args = ", ".join(f"{k}=text[{k!r}]" for k in exported.text_inputs)
     lines = [
-        f"**Images**: the whole image resized to {size}x{size} with PIL's bilinear filter, /255, "
-        f"normalised by mean {mean} and std {std}. Exact with the processor's PIL backend "
-        "(`backend=\"pil\"`; the torchvision backend resizes differently). The project lets libjpeg "
-        "decode a JPEG at a reduced scale first (`Image.draft`, above). Transparent images: the "
-        "project drops alpha, the processor composites onto white.",
+        (f"**Images**: the whole image resized to {size}x{size} with PIL's bilinear filter, /255, "
+         f"normalised by mean {mean} and std {std}. Exact with the processor's PIL backend "
+         "(`backend=\"pil\"`; the torchvision backend resizes differently). The project lets "
+         "libjpeg decode a JPEG at a reduced scale first (`Image.draft`, above). Transparent images: "
+         "the project drops alpha, the processor composites onto white."),
         *exported.mapping,
-        f"**Text**: the tokenizer truncates at {model_cfg.max_text_length} tokens (`model_max_length`), "
-        "as in training.",
+        (f"**Text**: the tokenizer truncates at {model_cfg.max_text_length} tokens "
+         "(`model_max_length`), as in training."),
         "**Temperature**: `logit_scale` holds the trained one, clamped at the training maximum.",
     ]
     if logit_bias is not None and not exported.holds_logit_bias:
@@ -511,7 +519,8 @@ def export_hf(checkpoint: str, output: str) -> dict[str, Any]:
     if heads:
         left_out.append(f"the heads of objectives {', '.join(heads)} (training heads, not the dual "
                         "encoder)")
-    step = load_state(checkpoint).step if os.path.isfile(os.path.join(checkpoint, "state.json")) else None
+    has_state = os.path.isfile(os.path.join(checkpoint, "state.json"))
+    step = load_state(checkpoint).step if has_state else None
     _truncate_as_trained(tokenizer, model_cfg.max_text_length)
 
     parent = os.path.dirname(os.path.abspath(output))

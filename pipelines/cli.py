@@ -6,6 +6,7 @@
     vlp significant-words --shards DIR [--top-k N]
     vlp train [--config FILE] [--set key=value ...]
     vlp eval --checkpoint DIR [--data SHARDS] [--classification DIR] [--output FILE]
+    vlp dedup semantic --shards DIR|VIEW --scores NAME --output VIEW [--threshold T] [--clusters K]
     vlp export --checkpoint DIR --format hf --output DIR
     vlp score --shards DIR --model M --name NAME [--set key=value ...] [--resume]
     vlp select --shards DIR --output VIEW [--where EXPR ...] [--top-fraction F --by COL [--per-lang]]
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="held-out shard folder for retrieval")
     ev.add_argument("--classification", help="labelled folder (data.parquet + classes.json)")
     ev.add_argument("--output", help="write the metrics as JSON here too")
+    dedup = sub.add_parser("dedup", help="dataset-wide dedup beyond curation's exact and pHash passes")
+    methods = dedup.add_subparsers(dest="method", required=True)
+    sem = methods.add_parser("semantic", help="SemDeDup: k-means over image embeddings, then drop rows "
+                             "within a cosine threshold of a kept row (the best-scored is kept)")
+    sem.add_argument("--shards", required=True, help="a curated shard folder or a view")
+    sem.add_argument("--scores", required=True, help="the scores (vlp score ... --set embeddings=true) "
+                     "whose image embeddings and clip_score to use")
+    sem.add_argument("--output", required=True, help="the view of the kept rows (empty or new)")
+    sem.add_argument("--threshold", type=float, default=0.95, help="cosine at which rows are duplicates")
+    sem.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: about sqrt(rows))")
     exp = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder that transformers "
                          "loads without this project")
     exp.add_argument("--checkpoint", required=True, help="a checkpoint folder written by vlp train")
@@ -187,6 +198,15 @@ def _eval(args) -> int:
     return 0
 
 
+def _dedup(args) -> int:
+    from pipelines.semantic_dedup_job import run_semantic_dedup
+    from vlp.curation.semantic_dedup import SemanticDedupConfig
+
+    config = SemanticDedupConfig(threshold=args.threshold, clusters=args.clusters)
+    stats = run_semantic_dedup(args.shards, args.scores, args.output, config)
+    return 0 if stats["rows_in"] else 1
+
+
 def _export(args) -> int:
     from vlp.api import export_hf
 
@@ -296,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"curate": _curate, "sample-data": _sample_data, "quickstart": _quickstart,
                 "tokenizer": _tokenizer, "significant-words": _significant_words, "train": _train,
-                "eval": _eval, "export": _export, "score": _score, "select": _select}
+                "eval": _eval, "export": _export, "score": _score, "select": _select,
+                "dedup": _dedup}
     try:
         return handlers[args.command](args)
     except (ConfigError, CurationError, InputError, ScoringError, TrainingError) as e:

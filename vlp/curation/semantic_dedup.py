@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlp.config import ConfigError
+
 DROP_REASON = "duplicate_semantic"
 
 # Cosine scores held at once when assigning rows to centroids (64 MiB of float32).
@@ -74,17 +76,17 @@ class SemanticDedupConfig:
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError("semantic_dedup.threshold must be in (0, 1)")
+            raise ConfigError("semantic_dedup.threshold must be in (0, 1)")
         if self.clusters < 0:
-            raise ValueError("semantic_dedup.clusters must be >= 0 (0: automatic)")
+            raise ConfigError("semantic_dedup.clusters must be >= 0 (0: automatic)")
         if self.kmeans_iterations < 1:
-            raise ValueError("semantic_dedup.kmeans_iterations must be >= 1")
+            raise ConfigError("semantic_dedup.kmeans_iterations must be >= 1")
         if self.sample_per_cluster < 1:
-            raise ValueError("semantic_dedup.sample_per_cluster must be >= 1")
+            raise ConfigError("semantic_dedup.sample_per_cluster must be >= 1")
         if self.max_cluster_rows < 0 or 0 < self.max_cluster_rows < 4:
-            raise ValueError("semantic_dedup.max_cluster_rows must be 0 (no bound) or >= 4")
+            raise ConfigError("semantic_dedup.max_cluster_rows must be 0 (no bound) or >= 4")
         if self.block_rows < 1:
-            raise ValueError("semantic_dedup.block_rows must be >= 1")
+            raise ConfigError("semantic_dedup.block_rows must be >= 1")
 
 
 @dataclass(frozen=True)

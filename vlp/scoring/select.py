@@ -164,6 +164,11 @@ class Selection:
         elif self.per_lang or self.by:
             raise ConfigError("--by and --per-lang rank rows for --top-fraction: give it too")
 
+    def provenance(self) -> dict:
+        """How a view was selected, as written into it."""
+        return {"where": list(self.where), "top_fraction": self.top_fraction, "by": self.by or None,
+                "per_lang": self.per_lang}
+
     def predicates(self) -> list[Predicate]:
         return [parse_predicate(w) for w in self.where]
 
@@ -290,11 +295,13 @@ def _keep_top(chosen: list[SelectedShard], ranked, selection: Selection) -> None
         shard.rows = np.sort(rows[keep & (shard_of == i)])
 
 
-def write_view(folder: ShardFolder, chosen: list[SelectedShard], selection: Selection, output: str,
-               storage: Storage) -> dict:
+def write_view(folder: ShardFolder, chosen: list[SelectedShard], selection: "Selection | dict",
+               output: str, storage: Storage, *, check_empty: bool = True) -> dict:
     """A view folder at ``output``: ``_selection/<shard>.parquet`` per shard with rows, then
-    ``_stats.json`` and, last, ``_view.json`` (a view without it is not one)."""
-    _check_empty(output, storage)
+    ``_stats.json`` and, last, ``_view.json`` (a view without it is not one). ``selection``: what
+    chose the rows (a ``Selection``, or any JSON-able description, e.g. semantic dedup's)."""
+    if check_empty:
+        check_empty_output(output, storage)
     entries = []
     for shard in chosen:
         entry = {"name": shard.name, "rows_in": shard.rows_in, "rows": int(len(shard.rows)),
@@ -306,10 +313,10 @@ def write_view(folder: ShardFolder, chosen: list[SelectedShard], selection: Sele
             storage.write_bytes_atomic(join(output, entry["selection"]), sink.getvalue())
         entries.append(entry)
     stats = selection_stats(folder, chosen, storage)
+    how = selection.provenance() if isinstance(selection, Selection) else dict(selection)
     view = {"kind": "view", "source": folder.uri, "source_manifest_sha256": folder.manifest_sha256,
             "source_kind": folder.kind.value, "rows": stats["rows_kept"], "rows_in": stats["rows_in"],
-            "where": list(selection.where), "top_fraction": selection.top_fraction,
-            "by": selection.by or None, "per_lang": selection.per_lang, "shards": entries}
+            **how, "shards": entries}
     storage.write_bytes_atomic(join(output, STATS_FILE), json.dumps(stats, indent=2).encode())
     storage.write_bytes_atomic(join(output, VIEW_FILE), json.dumps(view, indent=2).encode())
     return stats
@@ -342,7 +349,7 @@ def materialize(folder: ShardFolder, chosen: list[SelectedShard], selection: Sel
     """Real shards at ``output`` holding only the selected rows (pixels copied), with a manifest in
     the curated format (``derived_from`` names the source and the selection): a folder every reader
     takes, for users who need files rather than a view."""
-    _check_empty(output, storage)
+    check_empty_output(output, storage)
     by_name = {s.path.rsplit("/", 1)[-1]: s for s in folder.shards}
     shards = []
     for shard in chosen:
@@ -369,14 +376,13 @@ def materialize(folder: ShardFolder, chosen: list[SelectedShard], selection: Sel
     manifest = {**folder.manifest, "status": STATUS_COMPLETE, "shards": shards,
                 "num_rows": stats["rows_kept"], "num_bytes": sum(s["bytes"] for s in shards),
                 "derived_from": {"source": folder.uri, "source_manifest_sha256": folder.manifest_sha256,
-                                 "where": list(selection.where), "top_fraction": selection.top_fraction,
-                                 "by": selection.by or None, "per_lang": selection.per_lang}}
+                                 **selection.provenance()}}
     storage.write_bytes_atomic(join(output, STATS_FILE), json.dumps(stats, indent=2).encode())
     storage.write_bytes_atomic(join(output, MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     return stats
 
 
-def _check_empty(output: str, storage: Storage) -> None:
+def check_empty_output(output: str, storage: Storage) -> None:
     if storage.exists(output) and storage.list_files(output):
         raise ConfigError(f"--output {output} is not empty: choose a new folder (a view is cheap)")
 

@@ -133,3 +133,83 @@ def test_scores_are_the_cosine_of_the_models_embeddings_row_for_row(folder, tiny
     before = pq.read_table(os.path.join(out, "shard-000000.parquet"))
     run_scoring(folder, small, "tiny", config, resume=True, stream=io.StringIO())
     assert pq.read_table(os.path.join(out, "shard-000000.parquet")).equals(before)
+
+
+def test_clips_score_by_their_middle_frame_or_their_frames_mean(tiny_checkpoint, tmp_path):
+    """Video-text shards: ``video_frames: middle`` scores the clip's poster (its ``image`` column),
+    ``mean`` averages the stored frames' image embeddings (then normalises): checked against the
+    model's embeddings of the same frames."""
+    from pipelines.scoring_job import run_scoring
+    from vlp.data.schema import VIDEO_TEXT_SCHEMA
+    from vlp.scoring.config import ScoreConfig
+    from vlp.train.pretrained import load_dual_encoder
+
+    small, _ = tiny_checkpoint
+    root = tmp_path / "clips"
+    root.mkdir()
+    rows = []
+    for i in range(5):
+        frames = [_photo_jpeg(i + k) for k in range(3 + i % 2)]
+        rows.append({"key": f"v{i}#0", "caption": CAPTIONS[i % 4], "lang": ["en", "zh"][i % 2],
+                     "image": frames[len(frames) // 2], "image_format": "jpeg", "width": 96,
+                     "height": 80, "orig_width": 96, "orig_height": 80, "sha256": "0" * 64,
+                     "phash": i, "source": f"s/{i}", "frames": frames,
+                     "frame_times_s": [0.5 * k for k in range(len(frames))],
+                     "num_frames": len(frames), "fps": 2.0, "duration_s": 2.0, "clip_start_s": 0.0,
+                     "clip_end_s": 2.0, "clip_index": 0, "video_id": f"v{i}", "motion": 0.1})
+    pq.write_table(pa.Table.from_pylist(rows, schema=VIDEO_TEXT_SCHEMA), root / "shard-000000.parquet")
+    (root / "_manifest.json").write_text(json.dumps(
+        {"schema_version": SCHEMA_VERSION, "status": "complete", "kind": "video-text", "num_rows": 5,
+         "shards": [{"name": "shard-000000.parquet", "rows": 5, "bytes": 0}]}))
+    loaded = load_dual_encoder(small)
+
+    def embed(images: list[bytes]) -> torch.Tensor:
+        pixels = loaded.preprocess([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+        with torch.no_grad():
+            return loaded.model.encode_image(pixels)
+
+    def text(caption: str) -> torch.Tensor:
+        tok = loaded.tokenizer([caption], padding="max_length", truncation=True,
+                               max_length=loaded.max_text_length, return_tensors="pt")
+        with torch.no_grad():
+            return loaded.model.encode_text(tok["input_ids"], tok["attention_mask"])[0]
+
+    for mode in ("middle", "mean"):
+        config = ScoreConfig(batch_size=2, video_frames=mode, encoders=1, cpus_per_encoder=0.5,
+                             cpus_per_prepare_task=0.5)
+        run_scoring(str(root), small, mode, config, stream=io.StringIO())
+        sidecar = pq.read_table(root / "_scores" / mode / "shard-000000.parquet")
+        for row, got in zip(rows, sidecar.column("clip_score").to_pylist()):
+            if mode == "middle":
+                image = embed([row["image"]])[0]
+            else:
+                image = torch.nn.functional.normalize(embed(row["frames"]).mean(0), dim=-1)
+            assert got == pytest.approx(float(image @ text(row["caption"])), abs=1e-5), (mode, row["key"])
+    middle = pq.read_table(root / "_scores" / "middle" / "shard-000000.parquet").column("clip_score")
+    mean = pq.read_table(root / "_scores" / "mean" / "shard-000000.parquet").column("clip_score")
+    assert middle.to_pylist() != mean.to_pylist()  # the two modes really differ on these clips
+
+
+def test_scoring_reads_and_writes_s3(folder, tiny_checkpoint, s3_server, monkeypatch):
+    from pipelines.scoring_job import run_scoring
+    from vlp.data.storage import StorageConfig
+    from vlp.scoring.config import ScoreConfig
+
+    small, _ = tiny_checkpoint
+    storage = s3_server.storage()
+    bucket = "s3://vlp-test/score-shards"
+    for name in os.listdir(folder):
+        storage.write_bytes_atomic(f"{bucket}/{name}", open(os.path.join(folder, name), "rb").read())
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint)
+    config = ScoreConfig(batch_size=4, encoders=1, cpus_per_encoder=0.5, cpus_per_prepare_task=0.5,
+                         storage=StorageConfig(s3_endpoint_url=s3_server.endpoint))
+    stats = run_scoring(bucket, small, "tiny", config, stream=io.StringIO())
+    assert stats["scored"] == 11 and stats["failed"] == 1
+    local = run_scoring(folder, small, "tiny", ScoreConfig(batch_size=4, encoders=1, cpus_per_encoder=0.5,
+                                                           cpus_per_prepare_task=0.5),
+                        stream=io.StringIO())
+    assert local["clip_score"] == stats["clip_score"]
+    for name in ("shard-000000.parquet", "shard-000001.parquet"):
+        remote = pq.read_table(pa.BufferReader(storage.read_bytes(f"{bucket}/_scores/tiny/{name}")))
+        assert remote.equals(pq.read_table(os.path.join(folder, "_scores", "tiny", name)))
+    assert not [f for f in storage.list_files(f"{bucket}/_scores/tiny") if "/_parts/" in f]

@@ -16,7 +16,8 @@ minutes apart, interleaved (loop 1x, ours 1x, variants 1x, loop 10x, ours 10x, v
 - **ours**: ``run_scoring`` with ``ScoreConfig`` defaults (plus ``--set``), i.e. what ``vlp score``
   runs: a prepare task per shard, an actor pool of encoders, a part-file sink, sidecars, statistics.
 - **variants** (``--variant``): ours again with other ``ScoreConfig`` settings, to measure a fix
-  without editing the job (the full run adds one by default: two one-thread encoders; see README).
+  without editing the job (on CPUs the full run adds two by default: ``encoders=2``, and
+  ``cpus_per_encoder=2,cpus_per_prepare_task=2``; see the README).
 
 Each runs in a subprocess; ``measure.TreeSampler`` walks its process tree every 0.2 s for the peak
 summed RSS and PSS and the CPU time of every process. This script's sampler also keeps each process's
@@ -73,8 +74,11 @@ WORK = os.path.join(REPO, ".bench", "work", "score")
 RESULTS = os.path.join(REPO, "benchmarks", "results", "score.json")
 STORED_SIZE, QUALITY = 256, 95  # what `vlp curate images --set image.size=256` stores
 SCORE_NAME = "bench"
-# The default diagnostic variant: what the default sizing gives up on a 2-core machine (see README).
-DEFAULT_VARIANTS = ("2 encoders x 0.5 CPU:encoders=2,cpus_per_encoder=0.5",)
+# The default diagnostic variants (CPU only): on a CPU-only cluster Ray Data fuses the prepare map into
+# the encoder actors (equal remote args), so the default sizing, one encoder per
+# cpus_per_encoder + cpus_per_prepare_task CPUs, leaves half the CPUs idle. Two ways to use them all.
+DEFAULT_VARIANTS = ("2 encoders x 1 CPU:encoders=2",
+                    "1 encoder x 2 CPUs:cpus_per_encoder=2,cpus_per_prepare_task=2")
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
           "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon", "clock", "coins")
@@ -321,9 +325,11 @@ class GpuSampler:
 
 def run_tree(cmd: list[str], log_path: str, env=None, timeout_s: float = 3600) -> dict:
     """``measure.run_measured`` with ``RoleSampler`` (and ``GpuSampler``): wall, peak RSS and PSS, CPU."""
+    psutil = load_psutil()
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
         load = os.getloadavg()[0]
+        busy0 = _machine_busy(psutil)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         killer = threading.Timer(timeout_s, proc.kill)
         killer.start()
@@ -331,16 +337,28 @@ def run_tree(cmd: list[str], log_path: str, env=None, timeout_s: float = 3600) -
             _, status, usage = os.wait4(proc.pid, 0)
         killer.cancel()
         wall = time.monotonic() - t0
+        busy1 = _machine_busy(psutil)
         rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             tail = f.read()[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:5])} ... exited {rc}; log {log_path}:\n{tail}")
+    cpu = max(sampler.cpu_s, usage.ru_utime + usage.ru_stime)
     return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / 2**20, "peak_pss_mb": sampler.peak_pss / 2**20,
-            "cpu_s": max(sampler.cpu_s, usage.ru_utime + usage.ru_stime), "peak_procs": sampler.peak_procs,
+            "cpu_s": cpu, "peak_procs": sampler.peak_procs,
+            # the machine's CPU time outside the measured tree, in cores: other tenants (noise)
+            "others_cores": round(max(0.0, busy1[0] - busy0[0] - cpu) / wall, 2),
+            "steal_cores": round((busy1[1] - busy0[1]) / wall, 2),
             "peak_top": sampler.peak_top, "load_at_start": round(load, 2),
             "rss_series": [(round(t, 2), round(r / 2**20)) for t, r in sampler.series],
             "_snapshots": sampler.snapshots, "_root": proc.pid, "_gpu": gpu}
+
+
+def _machine_busy(psutil) -> tuple[float, float]:
+    """The machine's busy CPU seconds since boot (all but idle and iowait) and its steal time."""
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0) + getattr(t, "steal", 0.0)
+    return sum(t) - idle - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0), getattr(t, "steal", 0.0)
 
 
 ROLES = (  # (role, substrings of a process title), first match wins
@@ -568,7 +586,8 @@ def render(res: dict) -> str:
     unit = "rows/s" if res["settings"]["gpu"] else "rows/s/core"
     div = 1 if res["settings"]["gpu"] else res["machine"]["cpus"]
     out = [(f"| system | rows | wall s | end to end {unit} | inner/steady {unit} | marginal {unit} "
-            "| CPU s | peak RSS MB | peak PSS MB | notes |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| CPU s | peak RSS MB | peak PSS MB | others' cores | notes |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in res["runs"].items():
         sys_name = name.rsplit("_", 1)[0]
         inner = m["rows"] / m["inner_s"] / div if sys_name == "loop" else \
@@ -577,7 +596,7 @@ def render(res: dict) -> str:
             if name.endswith("_large") else None
         out.append(f"| {m['label']} | {m['rows']:,} | {_f(m['wall_s'])} | {_f(m['rows'] / m['wall_s'] / div, 2)} "
                    f"| {_f(inner, 2)} | {_f(mg, 2)} | {_f(m['cpu_s'])} | {_f(m['peak_rss_mb'], 0)} "
-                   f"| {_f(m['peak_pss_mb'], 0)} | {m.get('note', '')} |")
+                   f"| {_f(m['peak_pss_mb'], 0)} | {_f(m['others_cores'], 2)} | {m.get('note', '')} |")
     out += ["", "| target | measured | ratio | threshold | met |", "|---|---|---:|---:|---|"]
     for t in res["targets"]:
         out.append(f"| {t['name']} | {t['measured']} | {t['ratio']:.2f} | {t['threshold']} "
@@ -672,7 +691,7 @@ def main(argv=None) -> int:
         runs[name] = m
         say(f"{label:<44} {m['rows']:>6,} rows  {m['wall_s']:7.1f} s  {m['rows'] / m['wall_s'] / div:7.2f} "
             f"{unit} end to end  peak RSS {m['peak_rss_mb']:6.0f} MB  PSS {m['peak_pss_mb']:6.0f} MB  "
-            f"load {m['load_at_start']}")
+            f"others {m['others_cores']} cores")
 
     systems = [("ours", "vlp score (Ray Data)", [])] + \
         [(f"variant{i}", f"vlp score, {label}", sets) for i, (label, sets) in enumerate(variants, 1)]

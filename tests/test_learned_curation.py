@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -57,11 +59,13 @@ def held_out(quickstart_run, tmp_path_factory):
     with open(samples.manifest, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     curated = str(root / "curated")
-    env = dict(os.environ, RAY_TMPDIR=str(root))
+    # Ray's own temp dir, short: its socket paths must fit the 107-byte limit of Unix sockets
+    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="vlplc-", dir="/tmp"))
     cur = _vlp("curate", "images", "--input", samples.manifest, "--output", curated,
                "--set", "output.shard_rows=100", "--set", "image.size=128", env=env)
     assert cur.returncode == 0, cur.stderr[-3000:]
-    return curated, swapped, env
+    yield curated, swapped, env
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def test_clip_score_separates_swapped_captions_and_select_keeps_the_matched(quickstart_run, held_out,

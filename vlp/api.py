@@ -3,10 +3,10 @@
     import vlp
 
     config = vlp.load_config(vlp.TrainConfig, "ray_configs/train_quickstart.yaml", ["data.train=DIR"])
-    model, tokenizer, config = vlp.load_trained_model("runs/dual-encoder/checkpoint_000003")
+    model, tokenizer, config = vlp.load_trained_model("runs/my-run/checkpoint_2026-12-07_16-13-30")
     clip = vlp.load_dual_encoder("models/chinese-clip")  # a checkpoint or a Hugging Face folder
     shards = vlp.ShardFolder.open("curated/")            # checked: complete, readable schema, kind
-    metrics = vlp.evaluate_checkpoint("runs/.../checkpoint_000003", data="held_out/")
+    metrics = vlp.evaluate_checkpoint("runs/my-run/checkpoint_2026-12-07_16-13-30", data="held_out/")
 
 Everything here is a re-export of the module that owns it, except ``evaluate_checkpoint``, which is
 what ``vlp eval`` runs. Running jobs (curation, training on Ray Train, submission) is the

@@ -18,8 +18,8 @@ ever add time):
 - **ours**: ``run_scoring`` with ``ScoreConfig`` defaults (plus ``--set``), i.e. what ``vlp score``
   runs: a prepare task per shard, an actor pool of encoders, a part-file sink, sidecars, statistics.
 - **variants** (``--variant``): ours again with other ``ScoreConfig`` settings, to measure a fix
-  without editing the job (``--fix-variants`` adds two: ``encoders=2``, and
-  ``cpus_per_encoder=2,cpus_per_prepare_task=2``; see the README).
+  without editing the job (``--fix-variants`` adds two: ``cpus_per_encoder=2,cpus_per_prepare_task=2``
+  and ``encoders=2,cpus_per_encoder=0.5``; see the README).
 
 Each runs in a subprocess; ``measure.TreeSampler`` walks its process tree every 0.2 s for the peak
 summed RSS and PSS and the CPU time of every process. This script's sampler also keeps each process's
@@ -47,7 +47,8 @@ and an ``nvidia-smi`` sampler reports the GPU's busy fraction over each run's st
 then rows per second, not per core. ``--device cpu`` hides GPUs from both (``CUDA_VISIBLE_DEVICES=``).
 
 Results: tables on stdout and ``benchmarks/results/score.json`` (``--quick``: ``score_quick.json``,
-ignored by git). Logs of every run in ``.bench/work/score/``.
+ignored by git), under ``main`` (loop and ours) or ``fixes`` (runs with variants); a run replaces its
+own entry only. Logs of every run in ``.bench/work/score/``.
 """
 
 from __future__ import annotations
@@ -76,11 +77,12 @@ WORK = os.path.join(REPO, ".bench", "work", "score")
 RESULTS = os.path.join(REPO, "benchmarks", "results", "score.json")
 STORED_SIZE, QUALITY = 256, 95  # what `vlp curate images --set image.size=256` stores
 SCORE_NAME = "bench"
-# The default diagnostic variants (CPU only): on a CPU-only cluster Ray Data fuses the prepare map into
-# the encoder actors (equal remote args), so the default sizing, one encoder per
-# cpus_per_encoder + cpus_per_prepare_task CPUs, leaves half the CPUs idle. Two ways to use them all.
-DEFAULT_VARIANTS = ("2 encoders x 1 CPU:encoders=2",
-                    "1 encoder x 2 CPUs:cpus_per_encoder=2,cpus_per_prepare_task=2")
+# The sizing variants of --fix-variants (CPU only). Without GPUs, Ray Data fuses the prepare map into
+# the encoder actors (their remote args are equal) and then bundles up to batch_size shards into one
+# actor task, so the default sizing (one encoder per cpus_per_encoder + cpus_per_prepare_task CPUs) runs
+# one one-thread encoder and leaves the other CPUs idle. Two ways to use them all with today's settings.
+DEFAULT_VARIANTS = ("1 encoder x 2 CPUs (prepare fused in):cpus_per_encoder=2,cpus_per_prepare_task=2",
+                    "2 encoders x 0.5 CPU + prepare tasks (not fused):encoders=2,cpus_per_encoder=0.5")
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
           "immunohistochemistry", "retina", "brick", "grass", "gravel", "moon", "clock", "coins")
@@ -224,7 +226,7 @@ def _clip_tokenizer(max_length: int):
     from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
-    merges = [("p", "h"), ("o", "t"), ("ot", "o</w>"), ("a", "</w>"), ("o", "f</w>"), ("t", "h")]
+    merges = [("p", "h"), ("o", "t"), ("ot", "o</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>")]
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars),
               *("".join(pair) for pair in merges)]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
@@ -687,7 +689,6 @@ def main(argv=None) -> int:
         prepare_checkpoint(args.preset, args.image_size)
     say(f"model: {os.path.relpath(model, REPO)}; device {args.device}; batch {args.batch_size}")
     base = [f"batch_size={args.batch_size}", *args.overrides]
-    runs: dict[str, dict] = {}
 
     def record(name, m, label, note="", r=0):
         m["label"], m["note"], m["round"] = label, note, r
@@ -796,9 +797,19 @@ def main(argv=None) -> int:
     if git_state() != code_before:
         res["code"]["changed_during_run"] = git_state()
         say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
+    # One file, one entry per kind of run: the plain comparison ("main") and the sizing variants
+    # ("fixes", --fix-variants or --variant); a run replaces only its own entry.
+    kind = "fixes" if variants else "main"
+    res["kind"] = kind
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    merged = {}
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            old = json.load(f)
+        merged = old if "main" in old or "fixes" in old else {}
+    merged[kind] = res
     with open(args.output, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(merged, f, indent=1)
     print(render(res))
     print(f"\nwritten {os.path.relpath(args.output, REPO)}; elapsed {res['elapsed_s']} s", file=sys.stderr)
     return 0

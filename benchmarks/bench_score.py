@@ -2,7 +2,12 @@
 plain PyTorch loop over the same shards, with the same model, batch size and preprocessing.
 
     python benchmarks/bench_score.py [--rows N] [--growth 10] [--quick] [--set key=value ...]
-                                     [--variant LABEL:key=value,key=value ...] [--model checkpoint|hf-clip]
+                                     [--variant LABEL:key=value,key=value ...] [--fix-variants]
+                                     [--model checkpoint|hf-clip] [--device auto|cpu|cuda]
+
+On the 2-core VM: the default run (500 and 5,000 rows, 2 rounds) takes 11 min on a quiet machine
+(16 min with another tenant busy for half of it); ``--fix-variants`` about 23 min; ``--quick`` under
+2 min.
 
 What runs, in one invocation so that ratios compare numbers taken on the same (shared, noisy) machine
 minutes apart, interleaved (loop 1x, ours 1x, variants 1x, loop 10x, ours 10x, variants 10x; then
@@ -17,6 +22,8 @@ ever add time):
   them after its timed loop, only to check ours against them).
 - **ours**: ``run_scoring`` with ``ScoreConfig`` defaults (plus ``--set``), i.e. what ``vlp score``
   runs: a prepare task per shard, an actor pool of encoders, a part-file sink, sidecars, statistics.
+  (Without GPUs Ray Data fuses the prepare step into the encoder actors; each run records which
+  Ray processes it saw, ``map_processes``, and says "fused" or not in its note.)
 - **variants** (``--variant``): ours again with other ``ScoreConfig`` settings, to measure a fix
   without editing the job (``--fix-variants`` adds two: ``cpus_per_encoder=2,cpus_per_prepare_task=2``
   and ``encoders=2,cpus_per_encoder=0.5``; see the README).
@@ -47,8 +54,9 @@ and an ``nvidia-smi`` sampler reports the GPU's busy fraction over each run's st
 then rows per second, not per core. ``--device cpu`` hides GPUs from both (``CUDA_VISIBLE_DEVICES=``).
 
 Results: tables on stdout and ``benchmarks/results/score.json`` (``--quick``: ``score_quick.json``,
-ignored by git), under ``main`` (loop and ours) or ``fixes`` (runs with variants); a run replaces its
-own entry only. Logs of every run in ``.bench/work/score/``.
+ignored by git), under ``main`` (loop and ours) or ``fixes`` (runs with variants), suffixed
+``_hf-clip``, ``_cuda`` or ``_set`` where the model, device or ``--set`` differ; a run replaces its own
+entry only. Logs of every run in ``.bench/work/score/``.
 """
 
 from __future__ import annotations
@@ -798,15 +806,17 @@ def main(argv=None) -> int:
         res["code"]["changed_during_run"] = git_state()
         say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
     # One file, one entry per kind of run: the plain comparison ("main") and the sizing variants
-    # ("fixes", --fix-variants or --variant); a run replaces only its own entry.
-    kind = "fixes" if variants else "main"
+    # ("fixes", --fix-variants or --variant), suffixed where the model, device or settings differ
+    # ("main_hf-clip", "main_cuda", "main_set"); a run replaces only its own entry.
+    kind = ("fixes" if variants else "main") + ("_hf-clip" if args.model == "hf-clip" else "") \
+        + ("_cuda" if gpu else "") + ("_set" if args.overrides else "")
     res["kind"] = kind
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     merged = {}
     if os.path.exists(args.output):
         with open(args.output) as f:
             old = json.load(f)
-        merged = old if "main" in old or "fixes" in old else {}
+        merged = old if all(isinstance(v, dict) and "runs" in v for v in old.values()) else {}
     merged[kind] = res
     with open(args.output, "w") as f:
         json.dump(merged, f, indent=1)

@@ -49,7 +49,7 @@ import sys
 import time
 from multiprocessing import get_context
 
-from measure import PROCESSED, TimedStream, git_state, load_psutil, run_measured
+from measure import TimedStream, git_state, load_psutil, progress_events, run_measured
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench")
@@ -302,13 +302,8 @@ def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]
     t_call = time.monotonic() - t0
     stats = run_image_curation(manifest, out_dir, cfg, stream=stream)
     t_return = time.monotonic() - t0
-    events, t_start_line = [], None
-    for t, line in stream.lines:
-        if t_start_line is None and "input unit" in line:
-            t_start_line = t
-        m = PROCESSED.search(line)
-        if m and line.lstrip().startswith("[curate]"):
-            events.append((t, int(m.group(1).replace(",", ""))))
+    t_start_line = next((t for t, line in stream.lines if "input unit" in line), None)
+    events = progress_events(stream.lines, "curate")
     with open(out_json, "w") as f:
         json.dump({"stats": stats, "t_import": t_import, "t_call": t_call, "t_pipeline_start": t_start_line,
                    "t_return": t_return, "progress": events}, f)

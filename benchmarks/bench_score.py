@@ -77,7 +77,7 @@ import sys
 import threading
 import time
 
-from measure import PROCESSED, TimedStream, TreeSampler, git_state, load_psutil
+from measure import TimedStream, TreeSampler, git_state, load_psutil, process_tree, progress_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench", "score")
@@ -285,10 +285,8 @@ class RoleSampler(TreeSampler):
         if self.samples % self.every:
             return
         psutil = load_psutil()
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
+        procs = process_tree(self.pid)
+        if not procs:
             return
         snap = {}
         for p in procs:
@@ -473,13 +471,8 @@ def worker_ours(folder: str, model: str, out_json: str, overrides: list[str]) ->
     t_call = time.monotonic() - t0
     stats = run_scoring(folder, model, SCORE_NAME, config, stream=stream)
     t_return = time.monotonic() - t0
-    events, t_encoders = [], None
-    for t, line in stream.lines:
-        if t_encoders is None and "shards to score with" in line:
-            t_encoders = t
-        m = PROCESSED.search(line)
-        if m and line.lstrip().startswith("[score]"):
-            events.append((t, int(m.group(1).replace(",", ""))))
+    t_encoders = next((t for t, line in stream.lines if "shards to score with" in line), None)
+    events = progress_events(stream.lines, "score")
     with open(out_json, "w") as f:
         json.dump({"stats": stats, "t_call": t_call, "t_return": t_return, "t_ray_up": t_encoders,
                    "progress": events, "lines": [line for _, line in stream.lines if "[score]" in line]}, f)

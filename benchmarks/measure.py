@@ -24,6 +24,26 @@ def load_psutil():
     return psutil
 
 
+def process_tree(pid: int) -> list:
+    """The process ``pid`` and all its descendants (psutil processes); empty once it is gone."""
+    psutil = load_psutil()
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def progress_events(lines: list[tuple[float, str]], label: str) -> list[tuple[float, int]]:
+    """``(t, rows processed)`` from a job's timed ``[label] ... processed N`` progress lines."""
+    events = []
+    for t, line in lines:
+        m = PROCESSED.search(line)
+        if m and line.lstrip().startswith(f"[{label}]"):
+            events.append((t, int(m.group(1).replace(",", ""))))
+    return events
+
+
 class TreeSampler:
     """Samples a process and its descendants: peak summed RSS, CPU seconds per process, process count."""
 
@@ -50,11 +70,8 @@ class TreeSampler:
 
     def _sample(self):
         psutil = load_psutil()
-
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.Error:
+        procs = process_tree(self.pid)
+        if not procs:
             return
         total = total_pss = 0
         each = []

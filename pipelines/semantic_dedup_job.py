@@ -34,7 +34,7 @@ from vlp.curation.semantic_dedup import (DROP_REASON, SemanticDedupConfig, Seman
 from vlp.data.schema import STATUS_COMPLETE
 from vlp.data.shards import ShardFolder, load_selection, read_shard
 from vlp.data.storage import Storage, join
-from vlp.scoring.select import SelectedShard, check_empty_output, write_view
+from vlp.scoring.select import SelectedShard, check_empty_output, count_values, write_view
 from vlp.scoring.sidecar import MANIFEST, read_json, scores_folder
 
 LEDGER = "_drops/semantic.parquet"
@@ -156,9 +156,9 @@ def run_semantic_dedup(shards: str, scores: str, output: str, config: SemanticDe
         considered = (load_selection(folder.shards[by_name[name]].selection, storage)
                       if name in by_name and folder.shards[by_name[name]].selection else
                       (np.arange(len(langs)) if name in by_name else np.zeros(0, np.int64)))
-        values, counts = np.unique(langs[considered].astype(str), return_counts=True)
         chosen.append(SelectedShard(name=name, rows_in=len(considered), rows=rows_here,
-                                    langs_in={str(v): int(c) for v, c in zip(values, counts)}))
+                                    langs_in=count_values(langs[considered]),
+                                    langs_kept=count_values(langs[rows_here])))
     how = {"dedup": {"method": "semantic", "input": shards, "scores": scores,
                      "model": manifest["model"], "threshold": config.threshold, "clusters": clusters,
                      "ledger": LEDGER}}

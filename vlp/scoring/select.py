@@ -183,6 +183,7 @@ class SelectedShard:
     rows_in: int
     rows: np.ndarray  # selected row numbers, increasing
     langs_in: dict[str, int] = field(default_factory=dict)
+    langs_kept: dict[str, int] | None = None  # None: not counted yet (selection_stats reads them)
 
 
 def _score_runs(folder: ShardFolder, columns: set[str], storage: Storage) -> dict[str, list[str]]:
@@ -248,6 +249,7 @@ def select_rows(folder: ShardFolder, selection: Selection, storage: Storage) -> 
         shard_columns.append("lang")  # stats per language
     runs = _score_runs(folder, needed, storage)
     chosen: list[SelectedShard] = []
+    shard_langs: list[np.ndarray] = []
     ranked: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per shard: rows, by values, langs
     for shard in folder.shards:
         table = _shard_table(folder, shard.path, shard_columns, runs, storage)
@@ -255,9 +257,10 @@ def select_rows(folder: ShardFolder, selection: Selection, storage: Storage) -> 
         for predicate in predicates:
             keep &= predicate.mask(table)
         langs = np.asarray(table.column("lang").to_pylist(), dtype=object)
+        shard_langs.append(langs)
         rows = np.flatnonzero(keep).astype(np.int64)
         chosen.append(SelectedShard(name=shard.path.rsplit("/", 1)[-1], rows_in=table.num_rows,
-                                    rows=rows, langs_in=_count(langs)))
+                                    rows=rows, langs_in=count_values(langs)))
         if selection.top_fraction is not None:
             values = table.column(selection.by)
             if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
@@ -268,10 +271,13 @@ def select_rows(folder: ShardFolder, selection: Selection, storage: Storage) -> 
             ranked.append((rows, by, langs[rows]))
     if selection.top_fraction is not None:
         _keep_top(chosen, ranked, selection)
+    for shard, langs in zip(chosen, shard_langs):  # counted here: the column is already read
+        shard.langs_kept = count_values(langs[shard.rows])
     return chosen
 
 
-def _count(langs: np.ndarray) -> dict[str, int]:
+def count_values(langs: np.ndarray) -> dict[str, int]:
+    """How many times each value (e.g. a caption language) occurs."""
     values, counts = np.unique(langs.astype(str), return_counts=True) if len(langs) else ([], [])
     return {str(v): int(c) for v, c in zip(values, counts)}
 
@@ -330,11 +336,14 @@ def selection_stats(folder: ShardFolder, chosen: list[SelectedShard], storage: S
         for lang, n in shard.langs_in.items():
             langs_in[lang] = langs_in.get(lang, 0) + n
     for shard_file, shard in zip(folder.shards, chosen):
-        if len(shard.rows):
+        if shard.langs_kept is not None:
+            for lang, n in shard.langs_kept.items():
+                langs_kept[lang] = langs_kept.get(lang, 0) + n
+        elif len(shard.rows):
             table = pa.Table.from_batches(list(read_shard(shard_file.path, storage, ["lang"],
                                                           batch_size=65536)))
             kept = np.asarray(table.column("lang").to_pylist(), dtype=object)[shard.rows]
-            for lang, n in _count(kept).items():
+            for lang, n in count_values(kept).items():
                 langs_kept[lang] = langs_kept.get(lang, 0) + n
     rows_in = sum(s.rows_in for s in chosen)
     rows_kept = sum(len(s.rows) for s in chosen)

@@ -2,8 +2,8 @@
 
 The job reads a complete shard folder (``ShardFolder``), and for every shard not scored yet:
 
-1. a CPU task per shard reads its ``image`` (or clip ``frames``) and ``caption`` columns in batches
-   and turns them into the model's inputs with the model's own preprocessing and tokenizer
+1. row ranges of each shard are read (``image`` or clip ``frames``, and ``caption``) in batches and
+   turned into the model's inputs with the model's own preprocessing and tokenizer
    (``vlp.scoring.batches.prepare_score_batch``);
 2. an actor pool of encoders (one GPU each where the cluster has GPUs, bf16 there; CPU actors
    otherwise) computes the embeddings and ``clip_score`` (``score_batch``);
@@ -14,9 +14,13 @@ then the driver turns each shard's parts into its sidecar (``_scores/NAME/<shard
 with the shard), written once and atomically, and writes the statistics and the histogram. The layout
 is ``vlp/scoring/sidecar.py``'s.
 
-``--resume`` skips shards whose sidecar exists and scores the rest again (their parts from the
-interrupted run are deleted first: scoring is deterministic, so the sidecars come out the same). A
-resumed run must use the same model (content hash), embedding size and output-affecting settings.
+The unit of work is a read: up to ``rows_per_read`` rows of a shard. Where the cluster has GPUs, CPU
+tasks prepare the reads and feed the encoders ``uint8`` batches; on CPU-only clusters each encoder reads
+and prepares its own (``ScoreConfig.prepare``). Scored rows reach the sink as each read finishes.
+
+``--resume`` skips shards whose sidecar exists and, in the others, the rows that committed part files
+hold; it scores only the rest (scoring is deterministic, so the sidecars come out as a straight run's).
+A resumed run must use the same model (content hash), embedding size and output-affecting settings.
 """
 
 from __future__ import annotations
@@ -59,28 +63,73 @@ def _media_column(kind: ShardKind, config: ScoreConfig, model_frames: int) -> tu
     return "image", max(1, model_frames)
 
 
+def plan_reads(shards, rows_per_read: int, scored: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """The job's units of work: row ranges of at most ``rows_per_read`` rows of each shard (several
+    per shard, so that a few large shards still spread over every encoder), leaving out the rows in
+    ``scored`` (shard name -> row numbers already committed by an interrupted run)."""
+    reads = []
+    for s in shards:
+        name = s.path.rsplit("/", 1)[-1]
+        todo = np.ones(s.rows, dtype=bool)
+        todo[(scored or {}).get(name, np.empty(0, np.int64))] = False
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], todo.astype(np.int8), [0]])))
+        for first, end in zip(edges[::2], edges[1::2]):  # each run of rows still to score
+            reads += [{"shard": name, "path": s.path, "start": int(start),
+                       "rows": int(min(rows_per_read, end - start))}
+                      for start in range(first, end, rows_per_read)]
+    return reads
+
+
+def committed_rows(output: str, storage: Storage, shard_name: str) -> np.ndarray:
+    """Row numbers of a shard that committed part files already hold."""
+    folder = join(output, PARTS_DIR, shard_stem(shard_name))
+    rows = [np.empty(0, np.int64)]
+    for uri in (storage.list_files(folder) if storage.exists(folder) else []):
+        if uri.endswith(".parquet"):
+            with storage.open_input(uri) as f:
+                rows.append(pq.read_table(pa.BufferReader(f.read()), columns=["row"])
+                            .column("row").to_numpy())
+    return np.concatenate(rows)
+
+
 def read_and_prepare(reads: pa.Table, *, storage: Storage, media_column: str, batch_size: int,
                      prepare: dict):
-    """Ray Data task: one shard -> prepared batches, each row with its shard and row number."""
+    """Row ranges of shards -> prepared batches, each row with its shard and row number.
+
+    Reads only the row groups a range overlaps (curated shards have groups of 1,024 rows)."""
     for read in reads.to_pylist():
+        first, end = read["start"], read["start"] + read["rows"]
         fs, path = storage.resolve(read["path"])
-        row = 0
         with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size,
-                                                        columns=["key", "caption", "lang", media_column]):
-                n = batch.num_rows
-                columns = {"media": batch.column(media_column).to_pylist(),
-                           "caption": batch.column("caption").to_pylist(),
-                           "key": np.array(batch.column("key").to_pylist(), dtype=object),
-                           "lang": np.array(batch.column("lang").to_pylist(), dtype=object),
-                           "shard": np.array([read["shard"]] * n, dtype=object),
-                           "row": np.arange(row, row + n, dtype=np.int64)}
-                row += n
-                yield prepare_score_batch(columns, **prepare)
+            parquet = pq.ParquetFile(f)
+            groups, row, at = [], None, 0
+            for g in range(parquet.metadata.num_row_groups):
+                n = parquet.metadata.row_group(g).num_rows
+                if at < end and at + n > first:
+                    groups.append(g)
+                    row = at if row is None else row
+                at += n
+            for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups,
+                                              columns=["key", "caption", "lang", media_column]):
+                lo, hi = max(first - row, 0), min(end - row, batch.num_rows)
+                if hi > lo:
+                    yield prepare_score_batch(_batch_columns(batch.slice(lo, hi - lo), media_column,
+                                                             read["shard"], row + lo), **prepare)
+                row += batch.num_rows
+
+
+def _batch_columns(batch: pa.RecordBatch, media_column: str, shard: str, row: int) -> dict:
+    n = batch.num_rows
+    return {"media": batch.column(media_column).to_pylist(),
+            "caption": batch.column("caption").to_pylist(),
+            "key": np.array(batch.column("key").to_pylist(), dtype=object),
+            "lang": np.array(batch.column("lang").to_pylist(), dtype=object),
+            "shard": np.array([shard] * n, dtype=object),
+            "row": np.arange(row, row + n, dtype=np.int64)}
 
 
 class ScoreEncoder:
-    """Ray Data actor: holds the model on its device and scores batches."""
+    """Ray Data actor: holds the model on its device and scores prepared batches."""
 
     def __init__(self, model_path: str, precision: str, cpus: float, embeddings: bool):
         import torch
@@ -91,17 +140,35 @@ class ScoreEncoder:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.bfloat16 if use_bf16 else None
-        self.model = load_dual_encoder(model_path, device=self.device).model
+        loaded = load_dual_encoder(model_path, device=self.device)
+        self.model, self.preprocess = loaded.model, loaded.preprocess
         self.embeddings = embeddings
 
     def __call__(self, batch: dict) -> dict:
-        scored = score_batch(self.model, batch, device=self.device, autocast_dtype=self.autocast)
+        scored = score_batch(self.model, batch, preprocess=self.preprocess, device=self.device,
+                             autocast_dtype=self.autocast)
         out = {"shard": batch["shard"], "row": batch["row"], "key": batch["key"], "lang": batch["lang"],
                "clip_score": scored["clip_score"]}
         if self.embeddings:
             out["image_embedding"] = scored["image_embedding"].astype(np.float16)
             out["text_embedding"] = scored["text_embedding"].astype(np.float16)
         return out
+
+
+class ReadingScoreEncoder(ScoreEncoder):
+    """Ray Data actor for CPU-only clusters: reads and prepares its row ranges itself, then scores.
+
+    On CPUs the encoder and the preparation compete for the same cores, so handing batches between
+    processes only adds copies: each encoder reading its own ranges keeps every core on one thread of
+    work (measured in benchmarks/README.md)."""
+
+    def __init__(self, *, read: dict, **encoder):
+        super().__init__(**encoder)
+        self.read = read
+
+    def __call__(self, reads: pa.Table):
+        for batch in read_and_prepare(reads, **self.read):
+            yield super().__call__(batch)
 
 
 class ScorePartSink(Datasink):
@@ -232,18 +299,20 @@ def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *,
     write_json(storage, join(output, MANIFEST), manifest)
     todo = [s for s in folder.shards
             if not storage.exists(join(output, s.path.rsplit("/", 1)[-1]))]
-    for shard in todo:  # parts of an interrupted run: scored again below, identically
-        stale = join(output, PARTS_DIR, shard_stem(shard.path.rsplit("/", 1)[-1]))
-        if storage.exists(stale):
-            for uri in storage.list_files(stale):
-                storage.delete(uri)
+    # rows an interrupted run committed (same model and settings, checked above) are not scored again
+    scored = {shard_name: committed_rows(output, storage, shard_name)
+              for shard_name in (shard.path.rsplit("/", 1)[-1] for shard in todo)}
     done = len(folder.shards) - len(todo)
     print(f"[score] {folder.rows:,} {folder.kind.value} pairs in {len(folder.shards)} shards of "
           f"{shards} with {loaded.source.get('model_class', 'model')} from {model_path} -> {output}"
           + (f" (resuming: {done} shards already scored)" if done else ""), file=stream, flush=True)
-    if todo:
-        _score_shards(todo, output, storage, config, model_path, loaded, media_column, frame_slots,
-                      model_frames, stream)
+    resumed_rows = sum(len(np.unique(r)) for r in scored.values())
+    if resumed_rows:
+        print(f"[score] {resumed_rows:,} rows of unfinished shards were committed before: not scored "
+              "again", file=stream, flush=True)
+    if plan_reads(todo, config.rows_per_read, scored):
+        _score_shards(todo, scored, output, storage, config, model_path, loaded, media_column,
+                      frame_slots, model_frames, stream)
     hist = ScoreHistogram()
     for i, shard in enumerate(folder.shards):
         shard_name = shard.path.rsplit("/", 1)[-1]
@@ -267,8 +336,8 @@ def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *,
     return stats
 
 
-def _score_shards(todo, output, storage, config, model_path, loaded, media_column, frame_slots,
-                  model_frames, stream) -> None:
+def _score_shards(todo, scored, output, storage, config, model_path, loaded, media_column,
+                  frame_slots, model_frames, stream) -> None:
     started_ray = ensure_ray(config.ray_address, dashboard=False)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -276,28 +345,40 @@ def _score_shards(todo, output, storage, config, model_path, loaded, media_colum
         ctx.print_on_execution_start = False
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0)
-        per_encoder = config.cpus_per_encoder + config.cpus_per_prepare_task
+        in_encoder = config.prepare == "encoder" or (config.prepare == "auto" and not gpus)
+        per_encoder = config.cpus_per_encoder + (0 if in_encoder else config.cpus_per_prepare_task)
         encoders = config.encoders or (max(1, int(gpus // config.gpus_per_encoder)) if gpus else
                                        max(1, int(resources.get("CPU", 1.0) // per_encoder)))
         prepare = dict(preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
                        max_text_length=loaded.max_text_length, video_frames=config.video_frames,
                        model_frames=model_frames, frame_slots=frame_slots)
-        reads = [{"shard": s.path.rsplit("/", 1)[-1], "path": s.path} for s in todo]
+        read = dict(storage=storage, media_column=media_column, batch_size=config.batch_size,
+                    prepare=prepare)
+        encoder = dict(model_path=os.path.abspath(model_path), precision=config.precision,
+                       cpus=config.cpus_per_encoder, embeddings=config.embeddings)
+        reads = plan_reads(todo, config.rows_per_read, scored)
+        # A read is seconds of work: one in flight per reading encoder, or the first actor to start
+        # queues the reads of a small job while the others idle.
+        in_flight = 1 if in_encoder else None
+        pool = dict(compute=ray.data.ActorPoolStrategy(size=encoders, max_tasks_in_flight_per_actor=in_flight),
+                    num_cpus=config.cpus_per_encoder, num_gpus=config.gpus_per_encoder if gpus else 0)
         tracker = RunTracker.remote()
-        ds = ray.data.from_items(reads, override_num_blocks=len(reads)).map_batches(
-            read_and_prepare, batch_size=1, batch_format="pyarrow",
-            num_cpus=config.cpus_per_prepare_task,
-            fn_kwargs=dict(storage=storage, media_column=media_column, batch_size=config.batch_size,
-                           prepare=prepare))
-        ds = ds.map_batches(
-            ScoreEncoder, batch_size=config.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=encoders),
-            num_cpus=config.cpus_per_encoder, num_gpus=config.gpus_per_encoder if gpus else 0,
-            fn_constructor_kwargs=dict(model_path=os.path.abspath(model_path),
-                                       precision=config.precision, cpus=config.cpus_per_encoder,
-                                       embeddings=config.embeddings))
-        print(f"[score] {len(todo)} shards to score with {encoders} encoder(s)"
-              f"{' on GPUs' if gpus else ' on CPUs'}", file=stream, flush=True)
+        ds = ray.data.from_items(reads, override_num_blocks=len(reads))
+        if in_encoder:  # one range per call, so that every encoder gets its share
+            ds = ds.map_batches(ReadingScoreEncoder, batch_size=1, batch_format="pyarrow",
+                                fn_constructor_kwargs=dict(read=read, **encoder), **pool)
+        else:
+            # Ray Data fuses a task map into the actor map after it when their remote args are equal
+            # (as they can be on a CPU-only cluster), which would put the prepare step back in the
+            # encoders; Ray's own default of 3 retries, said explicitly, makes the args differ.
+            ds = ds.map_batches(read_and_prepare, batch_size=1, batch_format="pyarrow",
+                                num_cpus=config.cpus_per_prepare_task, fn_kwargs=read, max_retries=3)
+            ds = ds.map_batches(ScoreEncoder, batch_size=config.batch_size, batch_format="numpy",
+                                fn_constructor_kwargs=encoder, **pool)
+        print(f"[score] {len(todo)} shards ({len(reads)} reads of up to {config.rows_per_read} rows) to "
+              f"score with {encoders} encoder(s) on {'GPUs' if gpus else 'CPUs'}"
+              + (", each reading its own rows" if in_encoder else ", fed by CPU prepare tasks"),
+              file=stream, flush=True)
         with ProgressReporter(tracker, 10.0, stream, label="score"):
             ds.write_datasink(ScorePartSink(output, storage, config.embeddings, tracker),
                               ray_remote_args={"num_cpus": 0})

@@ -122,6 +122,19 @@ def test_scores_are_the_cosine_of_the_models_embeddings_row_for_row(folder, tiny
     assert manifest["status"] == "complete" and manifest["embedding_dim"] == 16
     assert manifest["model"]["kind"] == "checkpoint" and len(manifest["model"]["sha256"]) == 16
 
+    # the other placement of the prepare step (CPU tasks feeding the encoders, as on a GPU cluster),
+    # with reads smaller than a shard: the same sidecars
+    tasks = ScoreConfig(batch_size=3, embeddings=True, encoders=1, cpus_per_encoder=0.5,
+                        cpus_per_prepare_task=0.5, prepare="tasks", rows_per_read=4)
+    log = io.StringIO()
+    run_scoring(folder, small, "tasks", tasks, stream=log)
+    assert "fed by CPU prepare tasks" in log.getvalue() and "4 reads of up to 4 rows" in log.getvalue()
+    for name in ("shard-000000.parquet", "shard-000001.parquet"):
+        a, b = (pq.read_table(os.path.join(folder, "_scores", n, name)) for n in ("tiny", "tasks"))
+        assert a.column("key").equals(b.column("key"))
+        np.testing.assert_allclose(a.column("clip_score").to_numpy(zero_copy_only=False),
+                                   b.column("clip_score").to_numpy(zero_copy_only=False), atol=1e-6)
+
     # refusals, before any work
     with pytest.raises(Exception, match="--resume"):
         run_scoring(folder, small, "tiny", config, stream=io.StringIO())
@@ -213,3 +226,38 @@ def test_scoring_reads_and_writes_s3(folder, tiny_checkpoint, s3_server, monkeyp
         remote = pq.read_table(pa.BufferReader(storage.read_bytes(f"{bucket}/_scores/tiny/{name}")))
         assert remote.equals(pq.read_table(os.path.join(folder, "_scores", "tiny", name)))
     assert not [f for f in storage.list_files(f"{bucket}/_scores/tiny") if "/_parts/" in f]
+
+
+def test_reads_cover_the_rows_left_to_score_once_and_in_order(tiny_checkpoint, tmp_path):
+    """``plan_reads`` splits shards into ranges and leaves out committed rows; ``read_and_prepare``
+    reads exactly a range, across row groups, with the shard's row numbers."""
+    from types import SimpleNamespace
+
+    from pipelines.scoring_job import plan_reads, read_and_prepare
+    from vlp.data.storage import Storage
+    from vlp.train.pretrained import load_dual_encoder
+
+    shards = [SimpleNamespace(path=str(tmp_path / "a.parquet"), rows=11),
+              SimpleNamespace(path=str(tmp_path / "b.parquet"), rows=5)]
+    reads = plan_reads(shards, 4, {"a.parquet": np.array([1, 2, 8])})
+    assert [(r["shard"], r["start"], r["rows"]) for r in reads] == [
+        ("a.parquet", 0, 1), ("a.parquet", 3, 4), ("a.parquet", 7, 1), ("a.parquet", 9, 2),
+        ("b.parquet", 0, 4), ("b.parquet", 4, 1)]
+    covered = sorted(r["start"] + i for r in reads if r["shard"] == "a.parquet" for i in range(r["rows"]))
+    assert covered == [0, 3, 4, 5, 6, 7, 9, 10]
+
+    rows = [{"key": f"k{i}", "caption": CAPTIONS[i % 4], "lang": "en", "image": _photo_jpeg(i)}
+            for i in range(11)]
+    pq.write_table(pa.Table.from_pylist(rows), shards[0].path, row_group_size=3)  # groups 3,3,3,2
+    loaded = load_dual_encoder(tiny_checkpoint[0])
+    prepare = dict(preprocess=loaded.preprocess, tokenizer=loaded.tokenizer,
+                   max_text_length=loaded.max_text_length)
+    a_reads = [r for r in reads if r["shard"] == "a.parquet"]
+    batches = list(read_and_prepare(pa.Table.from_pylist(a_reads), storage=Storage(), media_column="image",
+                                    batch_size=2, prepare=prepare))
+    got_rows = np.concatenate([b["row"] for b in batches]).tolist()
+    got_keys = np.concatenate([b["key"] for b in batches]).tolist()
+    assert got_rows == covered and got_keys == [f"k{i}" for i in covered]
+    assert all(len(b["row"]) <= 2 for b in batches)
+    one = batches[0]["pixels"]
+    assert one.dtype == np.uint8 and one.shape[-1] == 3  # normalised on the encoder, not here

@@ -1,11 +1,14 @@
 """The two per-batch steps of scoring, pure functions the Ray Data job wires together.
 
-``prepare_score_batch`` (CPU tasks): shard rows (encoded ``image`` or clip ``frames``, ``caption``)
--> the model's inputs, made by the model's own preprocessing and tokenizer. A row whose pixels cannot
-be decoded stays in the batch (so sidecars stay aligned with their shards) with ``valid`` false.
+``prepare_score_batch`` (on CPUs): shard rows (encoded ``image`` or clip ``frames``, ``caption``)
+-> the model's inputs, made by the model's own preprocessing and tokenizer up to its resize and crop:
+the pixels stay ``uint8`` (a quarter of the bytes of floats, which matters when batches travel from
+CPU tasks to GPU actors through Ray's object store). A row whose pixels cannot be decoded stays in the
+batch (so sidecars stay aligned with their shards) with ``valid`` false.
 
-``score_batch`` (the encoder, on CPU or GPU): inputs -> unit image and text embeddings and
-``clip_score``, their cosine (null for invalid rows). For clips scored frame by frame
+``score_batch`` (the encoder, on CPU or GPU): inputs -> the preprocessing's normalisation (on the
+encoder's device), unit image and text embeddings and ``clip_score``, their cosine (null for invalid
+rows). For clips scored frame by frame
 (``video_frames: mean``), the frames' image embeddings are averaged over the frames each clip has, then
 normalised again.
 """
@@ -50,8 +53,9 @@ def _frames_of(row_media: Any, mode: str, model_frames: int, slots: int) -> list
 def prepare_score_batch(columns: dict[str, Any], *, preprocess, tokenizer, max_text_length: int,
                         video_frames: str = "middle", model_frames: int = 1,
                         frame_slots: int = 1) -> dict[str, np.ndarray]:
-    """Rows -> ``pixels`` (float32 ``(B, T, 3, H, W)``, ``T = frame_slots`` for every batch of a
-    job, so that batches concatenate), ``frame_mask``, ``valid``, token ids.
+    """Rows -> ``pixels`` (uint8 ``(B, T, H, W, 3)``, resized and cropped, not yet normalised;
+    ``T = frame_slots`` for every batch of a job, so that batches concatenate), ``frame_mask``,
+    ``valid``, token ids.
 
     ``columns``: ``media`` (bytes, or lists of frame bytes), ``caption``, and any pass-through columns
     (``key``, ``row``, ``lang``, ``shard``), returned unchanged.
@@ -69,8 +73,8 @@ def prepare_score_batch(columns: dict[str, Any], *, preprocess, tokenizer, max_t
     images = [img for d in decoded if d is not None for img in d]
     pixels = None
     if images:
-        flat = preprocess(images).numpy().astype(np.float32, copy=False)
-        pixels = np.zeros((len(media), width, *flat.shape[1:]), dtype=np.float32)
+        flat = preprocess.resize_crop(images)
+        pixels = np.zeros((len(media), width, *flat.shape[1:]), dtype=np.uint8)
     mask = np.zeros((len(media), width), dtype=bool)
     at = 0
     for i, d in enumerate(decoded):
@@ -80,7 +84,7 @@ def prepare_score_batch(columns: dict[str, Any], *, preprocess, tokenizer, max_t
         mask[i, :len(d)] = True
         at += len(d)
     if pixels is None:  # nothing decodable: any shape will do, nothing reads it
-        pixels = np.zeros((len(media), 1, 3, 1, 1), dtype=np.float32)
+        pixels = np.zeros((len(media), 1, 1, 1, 3), dtype=np.uint8)
     tokens = tokenize_captions(tokenizer, [str(c) for c in columns["caption"]], max_text_length)
     out = {k: v for k, v in columns.items() if k not in ("media", "caption")}
     out.update({PIXELS: pixels, FRAME_MASK: mask, VALID: valid, INPUT_IDS: tokens[INPUT_IDS],
@@ -89,11 +93,12 @@ def prepare_score_batch(columns: dict[str, Any], *, preprocess, tokenizer, max_t
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict[str, np.ndarray], *, device: torch.device,
+def score_batch(model, batch: dict[str, np.ndarray], *, preprocess, device: torch.device,
                 autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
-    """Inputs -> ``clip_score`` (float32, NaN where invalid) and unit ``image_embedding`` /
-    ``text_embedding`` (float32 ``(B, D)``)."""
-    pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS])).to(device)
+    """Inputs (``prepare_score_batch``'s) -> ``clip_score`` (float32, NaN where invalid) and unit
+    ``image_embedding`` / ``text_embedding`` (float32 ``(B, D)``). ``preprocess`` is the one that
+    prepared the batch: its normalisation runs here, on ``device``."""
+    pixels = preprocess.normalize(torch.from_numpy(np.ascontiguousarray(batch[PIXELS])).to(device))
     mask = torch.from_numpy(batch[FRAME_MASK]).to(device)
     b, t = mask.shape
     autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)

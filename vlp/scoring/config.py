@@ -22,8 +22,15 @@ class ScoreConfig:
             most ``video_max_frames`` of them, spread over the clip). A video tower
             (``model.num_frames`` > 1) always gets the clip.
         precision: ``auto`` is bf16 autocast on a GPU and fp32 on CPUs.
-        encoders: encoder actors; 0 is one per GPU of the cluster, else one per
-            ``cpus_per_encoder + cpus_per_prepare_task`` CPUs.
+        prepare: where shard rows are decoded, resized and tokenised: ``tasks`` (CPU tasks that feed
+            the encoder actors ``uint8`` batches through Ray's object store, so a GPU never waits on
+            a decode), ``encoder`` (each encoder actor reads and prepares its own rows, then encodes
+            them: on CPUs this keeps every core on one stream of work with no copies between
+            processes), or ``auto``: ``tasks`` where the cluster has GPUs, else ``encoder``.
+        rows_per_read: rows of a shard one read covers (the unit of work and of retries; smaller
+            spreads a few large shards over more encoders).
+        encoders: encoder actors; 0 is one per GPU of the cluster, else one per ``cpus_per_encoder``
+            CPUs (``prepare: encoder``) or per ``cpus_per_encoder + cpus_per_prepare_task`` CPUs.
         cpus_per_encoder, gpus_per_encoder: what each encoder actor reserves (GPUs only where the
             cluster has them).
         cpus_per_prepare_task: CPUs of each decode-and-preprocess task (below 1 lets them share a small
@@ -36,6 +43,8 @@ class ScoreConfig:
     video_frames: Literal["middle", "mean"] = "middle"
     video_max_frames: int = 16
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    prepare: Literal["auto", "tasks", "encoder"] = "auto"
+    rows_per_read: int = 256
     encoders: int = 0
     cpus_per_encoder: float = 1.0
     gpus_per_encoder: float = 1.0
@@ -44,8 +53,9 @@ class ScoreConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.encoders < 0 or self.video_max_frames < 1:
-            raise ConfigError("score: batch_size >= 1, encoders >= 0 and video_max_frames >= 1")
+        if self.batch_size < 1 or self.encoders < 0 or self.video_max_frames < 1 or self.rows_per_read < 1:
+            raise ConfigError("score: batch_size >= 1, rows_per_read >= 1, encoders >= 0 and "
+                              "video_max_frames >= 1")
         if self.cpus_per_encoder <= 0 or self.cpus_per_prepare_task <= 0 or self.gpus_per_encoder <= 0:
             raise ConfigError("score: cpus_per_encoder, gpus_per_encoder and cpus_per_prepare_task "
                               "must be > 0")

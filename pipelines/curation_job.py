@@ -18,9 +18,14 @@ import logging
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 import ray
+# Ray Data's execution-callback interface (registered through the public
+# DataContext.custom_execution_callback_classes); Ray is pinned to 2.60.x in pyproject.toml.
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data.exceptions import ExecutionTimeoutError
 
 from pipelines.ray_runtime import ensure_ray
 
@@ -30,7 +35,7 @@ from vlp.curation.dedup import DedupIndex, combine_flags, key_owner, make_entrie
 from vlp.data.schema import (MANIFEST_FILE, PIXEL_COLUMNS, SCHEMA_VERSION, STATUS_IN_PROGRESS,
                              ShardKind)
 from vlp.data.storage import Storage, join
-from pipelines.progress import ProgressReporter, RunTracker, format_summary
+from pipelines.progress import ProgressReporter, RunTracker, StallWatchdog, format_summary
 from pipelines.shard_sink import (
     ShardDatasink,
     finalize_output,
@@ -44,6 +49,29 @@ logger = logging.getLogger(__name__)
 
 class CurationError(RuntimeError):
     """A curation run cannot start or finish; the message says why and what to do."""
+
+
+class CurationStalled(ExecutionTimeoutError):
+    """Raised inside Ray Data's execution loop when the run's ``StallWatchdog`` saw no row move on.
+
+    An ``ExecutionTimeoutError``, so that Ray Data shuts the execution down (releasing its workers) and
+    passes the error on without printing its own internal stack trace."""
+
+
+# The watchdogs of the runs executing in this process. Ray Data builds execution callbacks from
+# classes (``DataContext.custom_execution_callback_classes``) and ships the context to its tasks, so
+# the class is a plain importable one and finds its run's watchdog here.
+_WATCHDOGS: list[StallWatchdog] = []
+
+
+class AbortWhenStalled(ExecutionCallback):
+    """Fails the Ray Data execution of a curation run at its next scheduling step once the run's
+    watchdog reports a stall."""
+
+    def on_execution_step(self, executor) -> None:
+        for watchdog in tuple(_WATCHDOGS):  # a run may end meanwhile
+            if watchdog.stalled.is_set():
+                raise CurationStalled(watchdog.message)
 
 
 @ray.remote(num_cpus=0)
@@ -133,7 +161,7 @@ def _rebuild_dedup(output, storage, state, shards, config, done_column: str) -> 
 
 
 def run_curation(src: str, output: str, config, *, media: str, processor, kind: ShardKind,
-                 resume: bool = False, stream=sys.stderr) -> dict:
+                 resume: bool = False, stream=None) -> dict:
     """Curate pairs from ``src`` into shards under ``output``; returns the run's stats.
 
     ``config``: a curation config (``CurationConfig`` or ``VideoCurationConfig``: input, storage, dedup,
@@ -145,6 +173,9 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.
     """
     started = time.monotonic()
+    # Looked up per call, not bound at import: whoever redirects stderr later (a CLI wrapper, a test
+    # capturing it) gets the progress lines and the stall report.
+    stream = stream or sys.stderr
     storage = Storage(config.storage)
     fingerprint = config_hash(output_affecting(config))
     state = _check_output(output, storage, resume, fingerprint)
@@ -160,6 +191,7 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
     # A curation-only run has no use for the dashboard; a run inside `vlp quickstart` joins the Ray the
     # quickstart started (with its dashboard, which training needs).
     started_ray = ensure_ray(config.execution.ray_address, dashboard=False)
+    watchdog = None
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = config.execution.progress_bars
@@ -174,6 +206,11 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
                   f"{len(state.records)} parts", file=stream, flush=True)
         done_ref = ray.put(done) if len(done) else None
         tracker = RunTracker.options(resources=placed).remote(state.next_part)
+        if config.execution.stall_timeout_s:
+            watchdog = StallWatchdog(tracker, config.execution.stall_timeout_s, stream)
+            _WATCHDOGS.append(watchdog)
+            if AbortWhenStalled not in ctx.custom_execution_callback_classes:
+                ctx.custom_execution_callback_classes.append(AbortWhenStalled)
 
         cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
         workers = config.execution.workers or max(1, int(cpus // config.execution.worker_cpus))
@@ -197,10 +234,14 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
         sink = ShardDatasink(output, storage, config.output, tracker, kind=kind)
         print(f"[curate] {len(units)} input unit(s) from {src} -> {output} with {workers} worker(s)",
               file=stream, flush=True)
-        with ProgressReporter(tracker, config.execution.progress_interval_s, stream):
-            # Each write task holds up to one shard in memory: bound how many run at once.
-            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "resources": placed or {}},
-                              concurrency=max(1, workers))
+        try:
+            with ProgressReporter(tracker, config.execution.progress_interval_s, stream), \
+                    (watchdog or nullcontext()):
+                # Each write task holds up to one shard in memory: bound how many run at once.
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": 0, "resources": placed or {}},
+                                  concurrency=max(1, workers))
+        except CurationStalled as e:
+            raise CurationError(str(e)) from None
         final_state = load_output_state(output, storage, clean=False)
         rows_before = sum(r["rows"] + r["dropped"] for r in state.records)
         rows_after = sum(r["rows"] + r["dropped"] for r in final_state.records)
@@ -214,5 +255,9 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
         print(format_summary(stats, time.monotonic() - started, output), file=stream, flush=True)
         return stats
     finally:
+        if watchdog is not None:
+            _WATCHDOGS.remove(watchdog)
+            if not _WATCHDOGS and AbortWhenStalled in ctx.custom_execution_callback_classes:
+                ctx.custom_execution_callback_classes.remove(AbortWhenStalled)
         if started_ray:
             ray.shutdown()

@@ -7,13 +7,13 @@ is ``vlp.curation.pair.curate_pair``. This module is the processor that joins th
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
 from pipelines.curation_job import CurationError, mark_duplicates, report_batch, run_curation
+from pipelines.progress import RowActivity, activity_interval
 from pipelines.sources import InputError
 from vlp.curation.config import CurationConfig
 from vlp.curation.fetch import REMOTE_SCHEMES, Fetcher
@@ -43,35 +43,65 @@ class ImageTextProcessor:
         self.settings = PairSettings(config.text, config.image, build_filters(config.filters))
         self.dedup_shards = dedup_shards
         self.tracker = tracker
+        # Which stage each row is in, for the stall check (reports only when it is on).
+        self.activity = RowActivity(tracker if config.execution.stall_timeout_s else None,
+                                    activity_interval(config.execution))
         self.pool = ThreadPoolExecutor(config.fetch.threads, thread_name_prefix="curate")
         cpus = max(1, round(config.execution.worker_cpus))
         self.cpu_gate = threading.BoundedSemaphore(config.execution.decode_threads or cpus)
         limit_native_threads(cpus)
         warm_up(config.text)
 
-    def curate_row(self, raw: dict) -> dict:
+    def curate_row(self, raw: dict, token: int | None = None) -> dict:
         """One source row through ``curate_pair`` with this worker's fetcher, settings and CPU gate
-        (no dedup: that needs the whole batch)."""
-        return curate_pair(raw, self.fetcher.fetch, self.settings, self.cpu_gate)
+        (no dedup: that needs the whole batch). ``token``: the row's ``RowActivity`` token, whose
+        stage follows the row (``fetch``, then ``decode``: probe, decode, resize, encode)."""
+        if token is None:
+            return curate_pair(raw, self.fetcher.fetch, self.settings, self.cpu_gate)
+
+        def fetch(source: str) -> bytes:
+            self.activity.move(token, "fetch")
+            try:
+                return self.fetcher.fetch(source)
+            finally:
+                self.activity.move(token, "decode")
+
+        self.activity.move(token, "decode")
+        row = curate_pair(raw, fetch, self.settings, self.cpu_gate)
+        self.activity.move(token, "batched")  # done; waits for the rest of its batch
+        return row
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raws = batch.to_pylist()
-        # Remote sources wait on the network: fetch them on the thread pool. Local files and embedded
-        # bytes are CPU-bound: run them right here (more threads would only fight over the GIL),
-        # overlapping with the remote fetches still in flight.
-        remote = {i: self.pool.submit(self.curate_row, r) for i, r in enumerate(raws)
-                  if r["data"] is None and r["source"].startswith(REMOTE_SCHEMES)}
-        rows = [None if i in remote else self.curate_row(r) for i, r in enumerate(raws)]
-        for i, future in remote.items():
-            rows[i] = future.result()
-        mark_duplicates(rows, self.dedup_shards, self.config.dedup)
-        report_batch(self.tracker, rows)
-        return pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA)
+        tokens = self.activity.enter([(r["key"], r["source"]) for r in raws])
+        try:
+            # Remote sources wait on the network: fetch them on the thread pool. Local files and
+            # embedded bytes are CPU-bound: run them right here (more threads would only fight over
+            # the GIL), overlapping with the remote fetches still in flight.
+            remote = {i: self.pool.submit(self.curate_row, r, tokens[i]) for i, r in enumerate(raws)
+                      if r["data"] is None and r["source"].startswith(REMOTE_SCHEMES)}
+            rows = [None if i in remote else self.curate_row(r, tokens[i])
+                    for i, r in enumerate(raws)]
+            for i, future in remote.items():
+                rows[i] = future.result()
+            self.activity.move(tokens, "dedup")
+            mark_duplicates(rows, self.dedup_shards, self.config.dedup)
+            report_batch(self.tracker, rows)
+            return pa.Table.from_pylist(rows, schema=PROCESSED_SCHEMA)
+        finally:
+            self.activity.leave(tokens)
+
+    def __del__(self):
+        activity = getattr(self, "activity", None)
+        if activity is not None:
+            activity.close()
 
 
 def run_image_curation(src: str, output: str, config: CurationConfig, *, resume: bool = False,
-                       stream=sys.stderr) -> dict:
+                       stream=None) -> dict:
     """Curate image-text pairs from ``src`` into shards under ``output``; returns the run's stats.
+
+    ``stream``: where progress and the summary go (default: ``sys.stderr`` at the time of the call).
 
     Raises:
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.

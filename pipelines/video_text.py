@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
 from pipelines.curation_job import CurationError, mark_duplicates, report_batch, run_curation
+from pipelines.progress import RowActivity, activity_interval
 from pipelines.sources import InputError
 from vlp.curation.config import VideoCurationConfig
 from vlp.curation.drops import DropError
@@ -93,6 +93,9 @@ class VideoTextProcessor:
         self.filters = build_filters(config.filters)
         self.dedup_shards = dedup_shards
         self.tracker = tracker
+        # Which stage each video is in, for the stall check (reports only when it is on).
+        self.activity = RowActivity(tracker if config.execution.stall_timeout_s else None,
+                                    activity_interval(config.execution))
         decoders = config.execution.decode_threads or max(1, round(config.execution.worker_cpus))
         self.decoders = VideoDecodePool(config.video, self.filters, workers=decoders)
         # Threads wait on fetches and on decoder processes, never compute: one per fetch slot.
@@ -100,16 +103,23 @@ class VideoTextProcessor:
                                           thread_name_prefix="curate-video")
         warm_up(config.text)
 
-    def _media(self, raw: dict) -> str | bytes:
+    def _media(self, raw: dict, token: int) -> str | bytes:
         """What the decoder reads: embedded bytes, fetched bytes, or a local path as it is."""
         if raw["data"] is not None:
             return raw["data"]
         source = raw["source"]
         if source.startswith(REMOTE_SCHEMES):
+            self.activity.move(token, "fetch")
             return self.fetcher.fetch(source)
         return self.fetcher.local_file(source)
 
-    def _one(self, raw: dict) -> list[dict]:
+    def _one(self, raw: dict, token: int) -> list[dict]:
+        try:
+            return self._one_video(raw, token)
+        finally:
+            self.activity.move(token, "batched")  # done; waits for the rest of its batch
+
+    def _one_video(self, raw: dict, token: int) -> list[dict]:
         key, source = raw["key"], raw["source"]
         if raw.get("drop_reason"):
             return [_drop(key, source, raw.get("caption"), raw["drop_reason"], raw.get("drop_detail"))]
@@ -118,9 +128,10 @@ class VideoTextProcessor:
             if verdict.drop_reason:
                 return [_drop(key, source, verdict.caption, verdict.drop_reason, verdict.drop_detail)]
             try:
-                media = self._media(raw)
+                media = self._media(raw, token)
             except DropError as e:
                 return [_drop(key, source, verdict.caption, e.reason, e.detail)]
+            self.activity.move(token, "decode")
             segment = None
             if raw.get("start") is not None or raw.get("end") is not None:
                 segment = (raw.get("start") or 0.0, raw.get("end") if raw.get("end") is not None
@@ -134,21 +145,32 @@ class VideoTextProcessor:
                           f"{type(e).__name__}: {e}"[:300])]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        futures = [self.threads.submit(self._one, raw) for raw in batch.to_pylist()]
-        rows = [row for future in futures for row in future.result()]
-        mark_duplicates(rows, self.dedup_shards, self.config.dedup)
-        report_batch(self.tracker, rows)
-        return pa.Table.from_pylist(rows, schema=VIDEO_PROCESSED_SCHEMA)
+        raws = batch.to_pylist()
+        tokens = self.activity.enter([(r["key"], r["source"]) for r in raws])
+        try:
+            futures = [self.threads.submit(self._one, raw, token) for raw, token in zip(raws, tokens)]
+            rows = [row for future in futures for row in future.result()]
+            self.activity.move(tokens, "dedup")
+            mark_duplicates(rows, self.dedup_shards, self.config.dedup)
+            report_batch(self.tracker, rows)
+            return pa.Table.from_pylist(rows, schema=VIDEO_PROCESSED_SCHEMA)
+        finally:
+            self.activity.leave(tokens)
 
     def __del__(self):
+        activity = getattr(self, "activity", None)
+        if activity is not None:
+            activity.close()
         decoders = getattr(self, "decoders", None)
         if decoders is not None:
             decoders.close()
 
 
 def run_video_curation(src: str, output: str, config: VideoCurationConfig, *, resume: bool = False,
-                       stream=sys.stderr) -> dict:
+                       stream=None) -> dict:
     """Curate video-text pairs from ``src`` into clip shards under ``output``; returns the run's stats.
+
+    ``stream``: where progress and the summary go (default: ``sys.stderr`` at the time of the call).
 
     Raises:
         CurationError, InputError: with a message for a person, for bad inputs, outputs or configs.

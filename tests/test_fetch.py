@@ -1,4 +1,7 @@
-"""HTTP fetching against a real local server: retries, no retry on 4xx, redirects, size caps."""
+"""HTTP fetching against a real local server: retries, no retry on 4xx, redirects, size caps.
+
+The server listens on 127.0.0.1, which the fetcher's SSRF guard refuses by default: these fetchers open
+127.0.0.0/8 (tests/test_fetch_policy.py checks the guard itself)."""
 
 import os
 
@@ -18,7 +21,8 @@ def payload(http_server):
 
 
 def _fetcher(**kw):
-    cfg = FetchConfig(**{"timeout_s": 1.0, "retries": 2, "backoff_s": 0.01, **kw})
+    cfg = FetchConfig(**{"timeout_s": 1.0, "retries": 2, "backoff_s": 0.01,
+                         "allow_networks": ("127.0.0.0/8",), **kw})
     return Fetcher(cfg, Storage())
 
 

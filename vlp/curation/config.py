@@ -82,6 +82,10 @@ class ExecutionConfig:
         node_resources: custom resources every curation task and actor asks for, e.g.
             ``{data_node: 0.001}`` to keep curation on the CPU node type of ``ray_configs/clusters``
             (off the CPU-less head and off GPU nodes, which can then idle out).
+        stall_timeout_s: once a worker is up, a run in which no row moves on (to its next stage:
+            fetch, decode, dedup, out of the worker, into a committed shard) for this long prints
+            the rows in flight and fails with a one-line message; ``--resume`` then goes on. 0
+            disables the check.
     """
 
     ray_address: str = ""
@@ -93,6 +97,13 @@ class ExecutionConfig:
     decode_threads: int = 0
     progress_interval_s: float = 5.0
     progress_bars: bool = False
+    stall_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.progress_interval_s <= 0:
+            raise ValueError("execution.progress_interval_s must be positive")
+        if self.stall_timeout_s < 0:
+            raise ValueError("execution.stall_timeout_s must be >= 0 (0: no stall check)")
 
 
 @dataclass(frozen=True)

@@ -117,7 +117,8 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
              if split.mix_per_epoch else "")
     print(f"[train] {cfg.run_name}: {split.train_rows:,} {split.kind} training pairs in "
           f"{len(split.train_files)} shards{mixed}, {split.eval_rows:,} held out; tokenizer {len(tokenizer):,} entries; "
-          f"{cfg.scaling.num_workers} workers; MLflow run {run_id} at {tracking_uri}",
+          f"{cfg.scaling.num_workers} workers ({cfg.scaling.strategy}); MLflow run {run_id} at "
+          f"{tracking_uri}",
           file=stream, flush=True)
     plan = RunPlan(train_rows=split.epoch_rows, tokenizer_dir=tokenizer_dir,
                    eval_files=eval_shards_json(split), classification=cfg.data.classification,

@@ -1,9 +1,12 @@
-"""Worker side of the multi-process loss tests (spawned processes import these functions by name).
+"""Worker side of the multi-process tests (spawned processes import these functions by name).
 
 :func:`run_loss_checks` runs on every rank of a real Gloo group, computes every scenario the tests
 check (losses and their gradients, raw collectives, DDP parameter gradients, bad configs) and saves
 its raw results to ``<outdir>/rank<r>.pt``. The tests in ``test_losses.py`` load them and compare
-against single-process references; this file only produces numbers, it asserts nothing.
+against single-process references. :func:`run_fsdp_checks` (``test_fsdp.py``: one step under DDP and
+under FSDP per recipe) and :func:`run_checkpoint_phase` (``test_distributed_checkpoint.py``: save,
+resume and reshard) do the same for sharded training; :func:`spawn_ranks` starts their ranks. This
+file only produces numbers, it asserts nothing.
 """
 
 from __future__ import annotations
@@ -196,6 +199,46 @@ def run_rank(rank: int, compute, world: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
+# What every rank of the FSDP and checkpoint tests imports: loaded once by the fork server, so that a
+# group of ranks starts in seconds instead of each rank importing torch and transformers anew (four
+# ranks doing that on two cores take half a minute).
+PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint", "transformers",
+           "transformers.models.vit.modeling_vit", "transformers.models.bert.modeling_bert",
+           "tests.dist_workers", "vlp.objectives.pretraining", "vlp.train.parallel",
+           "vlp.train.checkpoint", "vlp.train.steps"]
+
+
+class RankFailed(RuntimeError):
+    """A spawned rank raised; the message holds every failing rank's traceback."""
+
+
+def spawn_ranks(entry, world: int, outdir: str, *args) -> list:
+    """Run ``entry(rank, world, port, outdir, *args)`` on ``world`` processes (forked from a server
+    that preloaded ``PRELOAD``) and return each rank's saved results (``rank<r>.pt``).
+
+    Raises:
+        RankFailed: a rank raised (its traceback is in the message).
+    """
+    import glob
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    multiprocessing.set_forkserver_preload(PRELOAD)  # no effect once the server runs: still correct
+    try:
+        mp.start_processes(entry, args=(world, free_port(), outdir, *args), nprocs=world, join=True,
+                           start_method="forkserver")
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        errors = []
+        for path in sorted(glob.glob(os.path.join(outdir, "*.error"))):
+            with open(path) as f:
+                errors.append(f.read())
+        raise RankFailed(f"world size {world}: a rank failed\n{''.join(errors) or e}") from None
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
 def loss_results(rank: int, world: int) -> dict:
     """Every loss, collective, DDP and error scenario of one rank."""
     return {
@@ -209,3 +252,297 @@ def loss_results(rank: int, world: int) -> dict:
 def run_loss_checks(rank: int, world: int, port: int, outdir: str) -> None:
     """Entry point of one spawned rank: run every scenario, save the results, leave the group."""
     run_rank(rank, loss_results, world, port, outdir)
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP against DDP, and distributed checkpoints (tests/test_fsdp.py, tests/test_distributed_checkpoint.py)
+#
+# Each scenario is a TrainConfig built as ``vlp train`` builds one, trained through the loop's own
+# pieces (``build_pretraining``, ``wrap_model``, ``build_optimizer``, the step functions and
+# ``optimizer_step``); the workers return losses, gradient norms and whole parameters, the tests compare.
+
+# Narrow towers: the files run a dozen models' steps on 2 shared cores. No dropout, so that a rank's
+# RNG draws only what both strategies draw alike (masks, negatives).
+SMALL = "{hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64"
+NO_DROP = ", hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"
+TEXT_LENGTH, IMAGE_SIZE, FRAMES = 8, 16, 2
+STEP_LR = 1e-3
+GRAD_CLIP = 0.05  # below the tiny models' gradient norms, so every step clips
+
+
+def fsdp_scenarios() -> dict[str, list[str]]:
+    """{name: TrainConfig overrides}: the recipes whose FSDP step must equal their DDP step."""
+    dual = [f"model.image_size={IMAGE_SIZE}", f"model.max_text_length={TEXT_LENGTH}",
+            "model.embed_dim=32",
+            f"model.image.options={SMALL}, patch_size: 8{NO_DROP}",
+            f"model.text.options={SMALL}{NO_DROP}", f"optim.grad_clip={GRAD_CLIP}"]
+    return {
+        # M2-Encoder's grouped loss on a ViT + BERT dual encoder, with activation checkpointing in
+        # both towers (applied when they are built, before fully_shard)
+        "dual_grouped": [*dual, "objectives={contrastive: {loss: {mode: grouped, group_size: 2}}}",
+                         "model.image.gradient_checkpointing=true",
+                         "model.text.gradient_checkpointing=true"],
+        # GradCache: 2 micro-batches pooled as negatives (SigLIP's ring exchange, its scalar bias)
+        "dual_feature_cache": [*dual, "objectives={contrastive: {loss: {mode: sigmoid}}}",
+                               "model.init_logit_bias=-10.0", "feature_accumulation=2"],
+        # SimVTP: a video tower over visible tubes, a joint fusion encoder, MAE + MLM + VTC + VTM
+        "simvtp": [f"model.image_size={IMAGE_SIZE}", f"model.max_text_length={TEXT_LENGTH}",
+                   "model.embed_dim=32", f"model.num_frames={FRAMES}",
+                   "model.image.name=video_vit",
+                   f"model.image.options={SMALL}, patch_size: 8}}",
+                   "model.text.name=transformer",
+                   ("model.text.options={hidden_size: 32, num_hidden_layers: 1, "
+                    "num_attention_heads: 2, intermediate_size: 64}"),
+                   "model.fusion={layers: 1, mode: joint, heads: 2}",
+                   "masking={vision: {ratio: 0.5}, text: {ratio: 0.3}}",
+                   ("objectives={mae: {source: fused, decoder_width: 32, decoder_heads: 2}, mlm: {}, "
+                    "contrastive: {loss: {mode: local}}, matching: {negatives: hard}}"),
+                   f"optim.grad_clip={GRAD_CLIP}"],
+    }
+
+
+def scenario_config(overrides: list[str], world: int):
+    from vlp.config import load_config
+    from vlp.train.config import TrainConfig
+
+    return load_config(TrainConfig, None, ["data.batch_size=4", "optim.warmup_steps=0",
+                                           f"scaling.num_workers={world}", *overrides])
+
+
+def make_tokenizer(folder: str) -> str:
+    """A small WordPiece tokenizer saved in ``folder`` (made once by the test, read by every rank)."""
+    from vlp.data.tokenizer import TokenizerConfig, train_tokenizer
+
+    words = ["a", "red", "green", "blue", "circle", "square", "star", "ring", "on", "the", "left",
+             "right", "top", "of", "small", "big"]
+    captions = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(60)]
+    train_tokenizer(captions, TokenizerConfig(vocab_size=120)).save_pretrained(folder)
+    return folder
+
+
+def make_batch(cfg, tokenizer, rows: int, seed: int) -> dict[str, torch.Tensor]:
+    """Pixels and captions (CLS ... SEP PAD, lengths varying) as the input pipeline delivers them."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = cfg.model.num_frames
+    shape = (rows, 3, IMAGE_SIZE, IMAGE_SIZE) if frames == 1 else (rows, frames, 3, IMAGE_SIZE,
+                                                                   IMAGE_SIZE)
+    ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (rows, TEXT_LENGTH),
+                        generator=gen)
+    ids[:, 0] = tokenizer.cls_token_id
+    attn = torch.ones(rows, TEXT_LENGTH, dtype=torch.long)
+    for i in range(rows):
+        end = TEXT_LENGTH - i % 3
+        ids[i, end - 1] = tokenizer.sep_token_id
+        ids[i, end:] = tokenizer.pad_token_id
+        attn[i, end:] = 0
+    return {"pixels": torch.randn(shape, generator=gen), "input_ids": ids, "attention_mask": attn}
+
+
+def build_parallel(cfg, tokenizer, strategy: str, *, reshard_after_forward: bool = True):
+    """What the Trainer builds: the pretraining module from one seed (as rank 0's would be), wrapped
+    for ``strategy``, and its optimiser."""
+    from vlp.objectives.pretraining import build_pretraining
+    from vlp.train.optim import build_optimizer
+    from vlp.train.parallel import wrap_model
+
+    torch.manual_seed(cfg.seed)
+    pretraining = build_pretraining(cfg, tokenizer, local_world_size=2)
+    parallel = wrap_model(pretraining, strategy, device="cpu",
+                          reshard_after_forward=reshard_after_forward)
+    return parallel, build_optimizer(pretraining, cfg.optim)
+
+
+def train_step(cfg, parallel, optimizer, micro: list[dict], *, rng_seed: int, step: int = 0) -> dict:
+    """One optimiser step as the loop runs it; the RNG is seeded first so that both strategies draw
+    the same masks and negatives."""
+    import contextlib
+
+    from vlp.train.optim import optimizer_step
+    from vlp.train.steps import StepContext, feature_cache_step, plain_step
+
+    ctx = StepContext(model=parallel.model, ddp=parallel.module, autocast=contextlib.nullcontext,
+                      world_size=collectives.world_size(), step=step)
+    torch.manual_seed(rng_seed)
+    step_fn = feature_cache_step if cfg.feature_accumulation > 1 else plain_step
+    result = step_fn(ctx, micro)
+    grad_norm = optimizer_step(optimizer, parallel, lr=STEP_LR, grad_clip=cfg.optim.grad_clip)
+    return {"loss": result.loss, "grad_norm": grad_norm}
+
+
+def full_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole (sharded ones gathered: a collective)."""
+    from vlp.distributed.sharding import full_tensor
+
+    return {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def shard_sizes(parallel, optimizer) -> dict:
+    """Elements this rank holds of the parameters and of AdamW's moments, against the whole model's
+    and the most a rank could hold of it (each sharded tensor's largest shard, FSDP's padded size)."""
+    from torch.distributed.tensor import DTensor
+
+    from vlp.distributed.sharding import local_numel
+
+    world = collectives.world_size()
+    params = list(parallel.model.parameters())
+    moments = [optimizer.state[p][key] for p in params if p in optimizer.state
+               for key in ("exp_avg", "exp_avg_sq")]
+    total = sum(p.numel() for p in params)
+    bound = 0
+    for p in params:
+        if isinstance(p, DTensor):
+            rows = p.shape[0]
+            bound += -(-rows // world) * (p.numel() // max(rows, 1))
+        else:
+            bound += p.numel()
+    return {"params": sum(local_numel(p) for p in params),
+            "moments": sum(local_numel(m) for m in moments),
+            "total": total, "bound": bound,
+            "sharded": sum(isinstance(p, DTensor) for p in params), "count": len(params)}
+
+
+def fsdp_results(rank: int, world: int, tokenizer_dir: str) -> dict:
+    """Every scenario's one step under DDP and under FSDP (and FSDP keeping gathered parameters
+    from forward to backward) on this rank's batches."""
+    from vlp.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    results = {}
+    for name, overrides in fsdp_scenarios().items():
+        cfg = scenario_config(overrides, world)
+        micro = [make_batch(cfg, tokenizer, 4, seed=100 * rank + i)
+                 for i in range(cfg.feature_accumulation)]
+        runs = {}
+        for label, strategy, reshard in (("ddp", "ddp", True), ("fsdp", "fsdp", True),
+                                         ("fsdp_keep", "fsdp", False)):
+            if label == "fsdp_keep" and name != "simvtp":
+                continue
+            parallel, optimizer = build_parallel(cfg, tokenizer, strategy,
+                                                 reshard_after_forward=reshard)
+            out = train_step(cfg, parallel, optimizer, micro, rng_seed=1000 + rank)
+            out["params"] = full_parameters(parallel.model)
+            out["sizes"] = shard_sizes(parallel, optimizer)
+            runs[label] = out
+        results[name] = runs
+    return results
+
+
+def run_fsdp_checks(rank: int, world: int, port: int, outdir: str, tokenizer_dir: str) -> None:
+    """Entry point of one spawned rank for tests/test_fsdp.py."""
+    import functools
+
+    run_rank(rank, functools.partial(fsdp_results, tokenizer_dir=tokenizer_dir), world, port, outdir)
+
+
+# The checkpoint scenario: a dual encoder with the global contrastive loss on a fixed global batch split
+# evenly over the ranks, so that the loss (the mean of the ranks' losses) and the update do not depend
+# on the world size and runs at 2 and 4 ranks can continue each other.
+GLOBAL_BATCH = 8
+
+
+def checkpoint_config(world: int, seed: int = 0):
+    dual = [f"model.image_size={IMAGE_SIZE}", f"model.max_text_length={TEXT_LENGTH}",
+            "model.embed_dim=32", f"model.image.options={SMALL}, patch_size: 8{NO_DROP}",
+            f"model.text.options={SMALL}{NO_DROP}", f"optim.grad_clip={GRAD_CLIP}",
+            "objectives={contrastive: {loss: {mode: global}}}", f"seed={seed}"]
+    return scenario_config(dual, world)
+
+
+def _train(cfg, parallel, optimizer, tokenizer, steps, rank: int, world: int) -> list[float]:
+    """Steps ``steps`` (numbers name the global batches), this rank on its slice of each."""
+    rows = GLOBAL_BATCH // world
+    losses = []
+    for step in steps:
+        batch = make_batch(cfg, tokenizer, GLOBAL_BATCH, seed=10_000 + step)
+        mine = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+        losses.append(train_step(cfg, parallel, optimizer, [mine], rng_seed=step, step=step)["loss"])
+    return losses
+
+
+def _state(world: int):
+    from vlp.train.checkpoint import TrainState
+
+    return TrainState(step=1, samples=GLOBAL_BATCH, mlflow_run_id="run", world_size=world)
+
+
+def _merge_rank_folders(root: str, name: str, rank: int, world: int) -> str:
+    """What Ray Train does with the folders every rank reported: one checkpoint folder holding all
+    their files."""
+    import shutil
+
+    merged = os.path.join(root, name)
+    dist.barrier()
+    if rank == 0:
+        for r in range(world):
+            shutil.copytree(os.path.join(root, f"{name}-rank{r}"), merged, dirs_exist_ok=True)
+    dist.barrier()
+    return merged
+
+
+def checkpoint_results(rank: int, world: int, tokenizer_dir: str, root: str, phase: str) -> dict:
+    """One phase of the resharding test (see tests/test_distributed_checkpoint.py)."""
+    from vlp.data.tokenizer import load_tokenizer
+    from vlp.distributed.sharded_checkpoint import new_checkpoint_group
+    from vlp.train.checkpoint import (
+        restore_checkpoint,
+        save_checkpoint,
+        save_sharded_checkpoint,
+    )
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    group = new_checkpoint_group()
+    cfg = checkpoint_config(world)
+    out: dict = {}
+
+    def uninterrupted(name: str, strategy: str) -> list[float]:
+        """Step 1, checkpoint, steps 2 and 3; the checkpoint is written while steps 2 and 3 run."""
+        parallel, optimizer = build_parallel(cfg, tokenizer, strategy)
+        _train(cfg, parallel, optimizer, tokenizer, [1], rank, world)
+        if strategy == "fsdp":
+            writing = save_sharded_checkpoint(
+                os.path.join(root, f"{name}-rank{rank}"), parallel.module, optimizer, _state(world),
+                cfg, tokenizer_dir, rank=rank, strategy=strategy, group=group, asynchronous=True)
+            out[f"{name}_saved"] = full_parameters(parallel.model)  # as it was saved
+            losses = _train(cfg, parallel, optimizer, tokenizer, [2, 3], rank, world)
+            writing.result()
+            _merge_rank_folders(root, name, rank, world)
+        else:
+            if rank == 0:
+                save_checkpoint(os.path.join(root, name), parallel.model, optimizer, _state(world),
+                                cfg, tokenizer_dir)
+            dist.barrier()
+            losses = _train(cfg, parallel, optimizer, tokenizer, [2, 3], rank, world)
+        return losses
+
+    def resumed(name: str, strategy: str) -> dict:
+        """A run built from another seed that restores checkpoint ``name``, then steps 2 and 3."""
+        other = checkpoint_config(world, seed=1)
+        parallel, optimizer = build_parallel(other, tokenizer, strategy)
+        state = restore_checkpoint(os.path.join(root, name), parallel, optimizer, group=group)
+        return {"step": state.step,
+                "losses": _train(cfg, parallel, optimizer, tokenizer, [2, 3], rank, world)}
+
+    if phase == "first":  # 2 ranks
+        out["fsdp2"] = uninterrupted("fsdp2", "fsdp")
+        out["ddp2"] = uninterrupted("ddp2", "ddp")
+        out["ddp2_into_fsdp"] = resumed("ddp2", "fsdp")
+        parallel, optimizer = build_parallel(checkpoint_config(world, seed=1), tokenizer, "fsdp")
+        out["not_restored"] = _train(cfg, parallel, optimizer, tokenizer, [2, 3], rank, world)
+    elif phase == "grow":  # 4 ranks
+        out["fsdp2_into_fsdp"] = resumed("fsdp2", "fsdp")
+        out["fsdp2_into_ddp"] = resumed("fsdp2", "ddp")
+        out["fsdp4"] = uninterrupted("fsdp4", "fsdp")
+    elif phase == "shrink":  # 2 ranks
+        out["fsdp4_into_fsdp"] = resumed("fsdp4", "fsdp")
+    if rank:  # every rank's losses agree; rank 0's whole weights are enough
+        out = {k: v for k, v in out.items() if not k.endswith("_saved")}
+    return out
+
+
+def run_checkpoint_phase(rank: int, world: int, port: int, outdir: str, tokenizer_dir: str,
+                         root: str, phase: str) -> None:
+    """Entry point of one spawned rank for tests/test_distributed_checkpoint.py."""
+    import functools
+
+    run_rank(rank, functools.partial(checkpoint_results, tokenizer_dir=tokenizer_dir, root=root,
+                                     phase=phase), world, port, outdir)

@@ -109,8 +109,30 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class FSDPConfig:
+    """Settings of ``scaling.strategy: fsdp`` (FSDP2, ``vlp.train.parallel``).
+
+    Attributes:
+        reshard_after_forward: free each block's gathered parameters after its forward and gather
+            them again in backward (True: least memory, one more all-gather per block and step);
+            False keeps them from forward to backward (ZeRO-2-like: more memory, less traffic).
+    """
+
+    reshard_after_forward: bool = True
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass(frozen=True)
 class ScalingConfig:
-    """Ray Train workers. ``min_workers`` > 0 makes the run elastic: (min_workers, num_workers)."""
+    """Ray Train workers. ``min_workers`` > 0 makes the run elastic: (min_workers, num_workers).
+
+    ``strategy`` says how the model is spread over the workers: ``ddp`` (every worker holds the whole
+    model and optimiser state; gradients are all-reduced) or ``fsdp`` (FSDP2: parameters, gradients
+    and AdamW state sharded over the workers, so each holds about 1/W of them; checkpoints are then
+    written shard by shard with ``torch.distributed.checkpoint``).
+    """
 
     num_workers: int = 2
     min_workers: int = 0
@@ -119,10 +141,15 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     ray_address: str = ""  # empty: RAY_ADDRESS, else a local Ray started in-process
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self):
         if self.num_workers < 1 or not 0 <= self.min_workers <= self.num_workers:
             raise ConfigError("scaling: num_workers >= 1 and 0 <= min_workers <= num_workers")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"scaling.strategy must be one of {' | '.join(STRATEGIES)}, got "
+                              f"{self.strategy!r}")
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ from vlp.config import ConfigError, from_dict
 from vlp.data.tokenizer import tokenize_captions
 from vlp.data.transforms import PIXEL_MEAN, PIXEL_STD, decode_images, pixels_to_model
 from vlp.models.config import DualEncoderConfig
-from vlp.train.checkpoint import load_state, load_trained_pretraining
+from vlp.train.checkpoint import is_checkpoint, load_state, load_trained_pretraining
 
 # Largest |eps * x| fed to the BERT pooler's tanh: tanh(y) / y >= 1 - y^2 / 3 = 1 - 2e-8 there.
 TANH_LINEAR_LIMIT = 2.0 ** -12
@@ -468,8 +468,9 @@ def _read_config(checkpoint: str):
     from vlp.train.config import TrainConfig
 
     path = os.path.join(checkpoint, "config.json")
-    if not (os.path.isfile(os.path.join(checkpoint, "model.pt")) and os.path.isfile(path)):
-        raise ConfigError(f"{checkpoint} is not a training checkpoint (no model.pt and config.json)")
+    if not (is_checkpoint(checkpoint) and os.path.isfile(path)):
+        raise ConfigError(f"{checkpoint} is not a training checkpoint (no model.pt or checkpoint.json, "
+                          "and config.json)")
     with open(path) as f:
         return from_dict(TrainConfig, json.load(f))
 

@@ -3,8 +3,18 @@
 ``train_worker`` is the thin Ray Train entry point: read the context, get this worker's dataset
 shard, build a ``Trainer`` and run it. The ``Trainer`` owns the run: data position, optimiser
 updates, logging, evaluation, checkpoints. The step's forward and backward are in ``vlp.train.steps``
-(they call the registered objectives and sum their weighted losses). Nothing here talks to other ranks
-except through ``vlp.distributed`` (the losses gather; DDP averages parameter gradients).
+(they call the registered objectives and sum their weighted losses); how the model is spread over the
+workers (``scaling.strategy``: DDP or FSDP) is decided once, by ``vlp.train.parallel.wrap_model``, and
+the loop is the same under both. Nothing here talks to other ranks except through ``vlp.distributed``
+(the losses gather; DDP averages parameter gradients, FSDP reduce-scatters them).
+
+Checkpoints follow the strategy (``vlp.train.checkpoint``): under ``ddp`` rank 0 writes the whole
+state; under ``fsdp`` every rank writes its shards with ``torch.distributed.checkpoint``'s
+``async_save`` and the step loop waits only for the copy to CPU memory and Ray Train's report: the
+files are written in the background, and Ray Train's checkpoint upload (``checkpoint_upload_mode=
+ASYNC``) waits for them before copying them to the run's storage. Each checkpoint logs
+``checkpoint/blocked_s`` (what the step loop waited) and ``checkpoint/total_s`` (until it was in the
+run's storage) to MLflow.
 """
 
 from __future__ import annotations
@@ -23,9 +33,16 @@ from vlp.batch import PIXELS, TENSOR_DTYPES
 from vlp.config import from_dict
 from vlp.data.transforms import cached_tokenizer, pixels_to_model
 from vlp.objectives.pretraining import build_pretraining
-from vlp.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from vlp.train.checkpoint import (
+    SHARDED_DIR,
+    TrainState,
+    restore_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from vlp.train.config import TrainConfig
-from vlp.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from vlp.train.optim import build_optimizer, lr_at, optimizer_step, scaled_lr
+from vlp.train.parallel import wrap_model
 from vlp.train.steps import StepContext, feature_cache_step, plain_step
 from vlp.train.tracking import RankZeroLogger
 
@@ -57,6 +74,21 @@ def train_worker(payload: dict) -> None:
             shard=ray.train.get_dataset_shard("train")).run()
 
 
+def _evaluation_config(config: TrainConfig) -> TrainConfig:
+    """The config of rank 0's evaluation copy of a sharded model. Rank 0 builds it alone, so nothing
+    in it may create a process group (a grouped contrastive loss does: a collective of every rank);
+    evaluation never computes the contrastive loss (it reads embeddings and the heads), which has no
+    weights, so the copy gets the local loss, which needs no group."""
+    from dataclasses import replace
+
+    objectives = dict(config.objectives)
+    if "contrastive" in objectives:
+        contrastive = objectives["contrastive"]
+        objectives["contrastive"] = replace(contrastive, loss=replace(
+            contrastive.loss, mode="local", group_size=None, negnce_weight=0.0))
+    return replace(config, objectives=objectives)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, plan: RunPlan, *, rank: int, world_size: int,
                  local_world_size: int, shard):
@@ -72,18 +104,35 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and self.device.type == "cuda")
         self.tokenizer = cached_tokenizer(plan.tokenizer_dir)
-        # the model and the objectives' own heads, as one module: what DDP wraps and checkpoints hold
+        # the model and the objectives' own heads, as one module: what DDP wraps, FSDP shards and
+        # checkpoints hold
         self.pretraining = build_pretraining(config, self.tokenizer, local_world_size=local_world_size)
         self.model = self.pretraining.model
+        scaling = config.scaling
+        self.parallel = wrap_model(self.pretraining, scaling.strategy, device=self.device,
+                                   reshard_after_forward=scaling.fsdp.reshard_after_forward,
+                                   bf16=self.bf16)
+        self.ddp = self.parallel.module  # what runs the forward
+        # after wrapping: FSDP replaces the parameters with their shards
         self.optimizer = build_optimizer(self.pretraining, config.optim)
+        # DCP coordinates over a Gloo group of its own: an asynchronous save's collectives then never
+        # meet the training step's
+        self.checkpoint_group = None
+        if self.parallel.sharded:
+            from vlp.distributed.sharded_checkpoint import new_checkpoint_group
+
+            self.checkpoint_group = new_checkpoint_group()
+        self.writing = None  # the last asynchronous save's future (one at a time)
+        self.uploads: list[dict] = []  # checkpoints handed to Ray Train, their times not yet logged
+        self.eval_copy = None  # rank 0's whole model for evaluating a sharded one
         self.state = TrainState(mlflow_run_id=plan.mlflow_run_id, world_size=world_size)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as folder:
-                previous = load_checkpoint(folder, self.pretraining, self.optimizer)
+                previous = restore_checkpoint(folder, self.parallel, self.optimizer,
+                                              group=self.checkpoint_group)
             self.state = TrainState(**{**previous.__dict__, "world_size": world_size,
                                        "mlflow_run_id": plan.mlflow_run_id})
-        self.ddp = ray.train.torch.prepare_model(self.pretraining)  # DDP when world_size > 1
         self.peak_lr = scaled_lr(config.optim, world_size)
         self.global_batch = config.data.batch_size * world_size * self.micro_batches
         self.planned_samples = config.schedule.epochs * (plan.train_rows // self.global_batch) * self.global_batch
@@ -133,15 +182,8 @@ class Trainer:
 
     # ---- one optimiser step -----------------------------------------------------------------------
     def _optimizer_step(self) -> float:
-        grad_norm = 0.0
-        if self.cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.pretraining.parameters(),
-                                                             self.cfg.optim.grad_clip))
         lr = lr_at(self.peak_lr, self.cfg.optim, self.state.step, self.state.samples / self.planned_samples)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return optimizer_step(self.optimizer, self.parallel, lr=lr, grad_clip=self.cfg.optim.grad_clip)
 
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -213,19 +255,37 @@ class Trainer:
                   f"{100 * metrics['data_wait_fraction']:.0f}%", flush=True)
         window.update(start=time.perf_counter(), wait=0.0, samples=0, bytes=0)
 
+    def _evaluation_model(self):
+        """The whole pretraining module for rank 0 to evaluate: the live one, or under ``fsdp`` a copy
+        that every rank helps gather (a collective; the other ranks get None)."""
+        if not self.parallel.sharded:
+            return self.pretraining
+        state = self.parallel.full_state_dict()
+        if self.rank != 0:
+            return None
+        if self.eval_copy is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                self.eval_copy = build_pretraining(_evaluation_config(self.cfg),
+                                                   self.tokenizer).to(self.device)
+        self.eval_copy.load_state_dict(state)
+        return self.eval_copy
+
     def _evaluate(self, final: bool) -> dict[str, float]:
-        if self.rank != 0 or not (self.plan.eval_files or self.plan.classification):
+        if not (self.plan.eval_files or self.plan.classification):
+            return {}
+        pretraining = self._evaluation_model()
+        if self.rank != 0:
             return {}
         from vlp.data.storage import Storage
         from vlp.eval.summary import headline_metrics
         from vlp.eval.zero_shot import evaluate, recall_bar_chart
 
         texts: dict[str, str] = {}  # readable examples of the heads' output (decoded captions)
-        metrics = evaluate(self.model, self.tokenizer, self.cfg.eval,
+        metrics = evaluate(pretraining.model, self.tokenizer, self.cfg.eval,
                            retrieval_files=self.plan.eval_files,
                            classification=self.plan.classification or None,
                            storage=Storage(self.cfg.data.storage), device=self.device,
-                           pretraining=self.pretraining, texts=texts)
+                           pretraining=pretraining, texts=texts)
         self.log.metrics({f"eval/{k}": v for k, v in metrics.items()}, step=self.state.step)
         if final:
             self.final_metrics = metrics
@@ -247,19 +307,95 @@ class Trainer:
     def _checkpoint(self, metrics: dict, final: bool = False) -> None:
         import ray.train
 
-        metrics = {**metrics, "step": self.state.step, "samples": self.state.samples}
+        started = time.perf_counter()
+        metrics = {k: v for k, v in {**metrics, "step": self.state.step,
+                                     "samples": self.state.samples}.items()
+                   if not (isinstance(v, float) and math.isnan(v))}
+        if self.parallel.sharded:
+            self._sharded_checkpoint(metrics, final, started)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
                 save_checkpoint(tmp, self.pretraining, self.optimizer, self.state, self.cfg,
                                 self.tokenizer.name_or_path)
-                if final:
-                    with open(os.path.join(tmp, EVAL_FILE), "w") as f:
-                        json.dump(getattr(self, "final_metrics", {}), f, indent=2)
-                if self.cfg.tracking.log_checkpoints:
-                    name = "final" if final else f"step-{self.state.step:07d}"
-                    self.log.artifacts(tmp, f"checkpoints/{name}")
+                self._write_final_metrics(tmp, final)
+                self._log_checkpoint_files(tmp, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in metrics.items() if not (isinstance(v, float)
-                                                                      and math.isnan(v))},
-                             checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        seconds = time.perf_counter() - started  # written and uploaded before training goes on
+        self.log.metrics({"checkpoint/blocked_s": seconds, "checkpoint/total_s": seconds},
+                         step=self.state.step)
+
+    def _sharded_checkpoint(self, metrics: dict, final: bool, started: float) -> None:
+        """Every rank writes its shards into a folder of its own, which Ray Train merges into one
+        checkpoint. Only copying the state to CPU memory and the report (a barrier) hold up the step
+        loop: the shards are written in a background thread, and Ray Train's asynchronous upload
+        waits for them before copying them to the run's storage. The final checkpoint is written and
+        uploaded before the run ends."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        if self.writing is not None:
+            self.writing.result()  # one save at a time: two would share the checkpoint group
+        folder = tempfile.mkdtemp(prefix="vlp-checkpoint-")
+        writing = save_sharded_checkpoint(
+            folder, self.parallel.module, self.optimizer, self.state, self.cfg,
+            self.tokenizer.name_or_path, rank=self.rank, strategy=self.parallel.strategy,
+            group=self.checkpoint_group, asynchronous=not final)
+        if self.rank == 0:
+            self._write_final_metrics(folder, final)
+            self._log_checkpoint_files(folder, final)
+        self.writing = writing
+        record = {"step": self.state.step, "started": started}
+
+        storage = ray.train.get_context().get_storage()
+
+        def upload(checkpoint, dir_name: str):  # runs in Ray Train's upload thread
+            if writing is not None:
+                writing.result()  # this rank's shards are on disk (raises the writer's error)
+            persisted = storage.persist_current_checkpoint(checkpoint, dir_name)  # Ray's own copy
+            record["done"] = time.perf_counter()
+            return persisted
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_upload_mode=(CheckpointUploadMode.SYNC if final
+                                                 else CheckpointUploadMode.ASYNC),
+                         delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+        record["blocked"] = time.perf_counter() - started
+        self.uploads.append(record)
+        self._log_uploads()
+
+    def _log_uploads(self) -> None:
+        """Log the times of the checkpoints whose upload finished since the last call."""
+        for record in [r for r in self.uploads if "done" in r]:
+            # a synchronous (final) upload finishes inside the report, before the loop moves on
+            done = max(record["done"], record["started"] + record["blocked"])
+            self.log.metrics({"checkpoint/blocked_s": record["blocked"],
+                              "checkpoint/total_s": done - record["started"]},
+                             step=record["step"])
+            self.uploads.remove(record)
+
+    def _write_final_metrics(self, folder: str, final: bool) -> None:
+        if final:
+            with open(os.path.join(folder, EVAL_FILE), "w") as f:
+                json.dump(getattr(self, "final_metrics", {}), f, indent=2)
+
+    def _log_checkpoint_files(self, folder: str, final: bool) -> None:
+        """Rank 0's checkpoint files to MLflow: the whole checkpoint under ``ddp``; under ``fsdp``
+        the small files (config, state, tokenizer, format, eval), as the shards are spread over the
+        ranks (the whole checkpoint is in Ray Train's storage: ``output_dir/run_name``)."""
+        if not self.cfg.tracking.log_checkpoints:
+            return
+        name = "final" if final else f"step-{self.state.step:07d}"
+        if not self.parallel.sharded:
+            self.log.artifacts(folder, f"checkpoints/{name}")
+            return
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if entry == SHARDED_DIR:
+                continue
+            if os.path.isdir(path):
+                self.log.artifacts(path, f"checkpoints/{name}/{entry}")
+            else:
+                self.log.artifact(path, f"checkpoints/{name}")

@@ -47,3 +47,22 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, parallel, *, lr: float, grad_clip: float) -> float:
+    """The update that ends a training step, the same under every strategy: average what the strategy
+    left unreduced, clip by the global gradient norm (when ``grad_clip`` > 0), set the learning rate,
+    step, zero the gradients.
+
+    Args:
+        parallel: the ``vlp.train.parallel.ParallelModel`` the gradients came from.
+
+    Returns:
+        The global gradient norm before clipping (0 when clipping is off).
+    """
+    parallel.finish_gradients()
+    grad_norm = parallel.clip_grad_norm_(grad_clip) if grad_clip > 0 else 0.0
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

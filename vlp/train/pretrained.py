@@ -1,11 +1,11 @@
 """One loader for every dual encoder used outside a training run: ``load_dual_encoder``.
 
-A path is either a ``vlp train`` checkpoint folder (it has ``model.pt``) or a local Hugging Face
-folder of a whole dual encoder (``CLIPModel``, ``ChineseCLIPModel``, ``SiglipModel``,
-``VisionTextDualEncoderModel``; see ``vlp.models.hf_folder``), read offline. Either way the caller
-gets a ``LoadedDualEncoder``: the ``DualEncoder`` in eval mode, its tokenizer, the image preprocessing
-that feeds it, the caption length it takes and where it came from, so that scoring, evaluation and
-scripts treat both alike. It lives in ``vlp.train`` because a checkpoint is read with
+A path is either a ``vlp train`` checkpoint folder (``model.pt``; or a sharded one, consolidated on
+load) or a local Hugging Face folder of a whole dual encoder (``CLIPModel``, ``ChineseCLIPModel``,
+``SiglipModel``, ``VisionTextDualEncoderModel``; see ``vlp.models.hf_folder``), read offline. Either
+way the caller gets a ``LoadedDualEncoder``: the ``DualEncoder`` in eval mode, its tokenizer, the image
+preprocessing that feeds it, the caption length it takes and where it came from, so that scoring,
+evaluation and scripts treat both alike. It lives in ``vlp.train`` because a checkpoint is read with
 ``vlp.train.checkpoint`` (and ``vlp.models`` may not import upwards).
 """
 
@@ -21,7 +21,7 @@ from vlp.data.preprocess import ImagePreprocess
 from vlp.data.tokenizer import load_tokenizer
 from vlp.models import DualEncoder, DualEncoderConfig
 from vlp.models.hf_folder import check_files, read_dual_folder
-from vlp.train.checkpoint import load_trained_model
+from vlp.train.checkpoint import is_checkpoint, load_trained_model
 
 
 @dataclass
@@ -55,7 +55,7 @@ def load_dual_encoder(path: str, device: str | torch.device = "cpu") -> LoadedDu
             class, a missing file: weights, ``preprocessor_config.json``, tokenizer).
     """
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "model.pt")):
+    if is_checkpoint(path):
         model, tokenizer, config = load_trained_model(path, device)
         return LoadedDualEncoder(model=model, tokenizer=tokenizer,
                                  preprocess=ImagePreprocess.for_vlp(config.model.image_size),

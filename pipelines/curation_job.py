@@ -111,7 +111,7 @@ class DedupShard:
     def _rebuild(self, config, shard: int, shards: int, output: str, storage: Storage) -> int:
         # clean=False: the run is still writing; only the driver deletes uncommitted files.
         state = load_output_state(output, storage, clean=False)
-        cols = read_committed_columns(output, storage, state, ["key", "sha256", "phash"])
+        cols = read_committed_columns(output, storage, state, ["key", "sha256", "phash"], ledgers=False)
         entries = committed_entries(cols, config)
         if entries is not None:
             self.index.insert(split_by_shard(entries, shards)[shard])
@@ -207,18 +207,19 @@ def _check_output(output: str, storage: Storage, resume: bool, fingerprint: str)
 
 
 def _rebuild_dedup(output, storage, state, shards, config, done_column: str) -> tuple[np.ndarray, int]:
-    """Re-index every committed row's hashes; return the sorted hashes of the source keys already
-    done (``done_column``: ``key`` for images, ``video_id`` for the clips of a video)."""
-    wanted = ["key", "sha256", "phash"] + ([done_column] if done_column != "key" else [])
-    cols = read_committed_columns(output, storage, state, wanted)
-    keys = cols["key"]
-    done_keys = cols[done_column]
+    """Re-index the committed kept rows' hashes; return the sorted hashes of the source keys already
+    done (``done_column``: ``key`` for images, ``video_id`` for the clips of a video; kept or
+    dropped) and how many rows are committed."""
+    done_keys = read_committed_columns(output, storage, state, [done_column])[done_column]
+    # Only the kept rows' hashes: a duplicate in the ledger may have been dropped for a row whose
+    # shard was never committed; indexing it would drop that row's second try as well.
+    cols = read_committed_columns(output, storage, state, ["key", "sha256", "phash"], ledgers=False)
     entries = committed_entries(cols, config.dedup) if shards else None
     if entries is not None:
         parts = split_by_shard(entries, len(shards))
         ray.get([s.insert.remote(p) for s, p in zip(shards, parts)])
     done = np.unique(key_owner(done_keys)) if done_keys else np.zeros(0, dtype=np.uint64)
-    return done, len(keys)
+    return done, len(done_keys)
 
 
 # Errors that mean part of the cluster went away (a node, a worker process, an object only it held),

@@ -379,12 +379,13 @@ def load_output_state(output: str, storage: Storage, clean: bool) -> OutputState
 
 
 def read_committed_columns(output: str, storage: Storage, state: OutputState,
-                           columns: list[str]) -> dict[str, list]:
-    """Columns of every committed shard and ledger (e.g. keys and hashes, for resume); a WebDataset
-    shard's columns are read from its index."""
+                           columns: list[str], *, ledgers: bool = True) -> dict[str, list]:
+    """Columns of every committed shard and (with ``ledgers``) drop ledger (e.g. keys and hashes, for
+    resume); a WebDataset shard's columns are read from its index."""
     out: dict[str, list] = {c: [] for c in columns}
     for record in state.records:
-        for name in (record.get("index") or record.get("shard"), record.get("drops_file")):
+        for name in (record.get("index") or record.get("shard"),
+                     record.get("drops_file") if ledgers else None):
             if not name:
                 continue
             with storage.open_input(join(output, name)) as f:

@@ -55,9 +55,8 @@ def tricky(samples, tmp_path_factory):
     """The sample set's manifest with absolute paths, some keys renamed (``RENAMED``), and the copies
     of the duplicate group moved up beside their original. Every run here reads several blocks; with
     all copies in the first block (one processor batch, one write) the same copy survives in every
-    run, and a resume that curates one of them again curates them all again. (Were the copies'
-    ledger committed without the survivor's shard, the rebuilt dedup index would drop the survivor
-    as well: a limitation of the dedup rebuild on resume, for Parquet output alike.)"""
+    run, and a resume that curates one of them again curates them all again (the case of copies
+    committed before their survivor is ``test_resume_keeps_a_survivor_...`` below)."""
     root = tmp_path_factory.mktemp("tricky")
     copies = set().union(*samples.duplicate_groups)
     lines, moved, renamed = [], [], {}
@@ -362,3 +361,42 @@ def test_video_clips_as_frame_members_written_to_s3(ray_cluster, s3_server, tmp_
         assert meta == {k: v for k, v in row.items() if k not in ("image", "frames", "caption")}
     index = pq.read_table(local / manifest["shards"][0]["index"])
     assert index.schema.names == [n for n in VIDEO_TEXT_SCHEMA.names if n not in ("image", "frames")]
+
+
+@pytest.mark.ray
+def test_resume_keeps_a_survivor_whose_copies_were_committed_before_it(ray_cluster, samples, tmp_path):
+    """The survivor of a duplicate group sits in one write, its dropped copies in the ledgers of
+    others. Killed before the survivor's write committed, a resumed run curates the survivor again:
+    it must be kept, not dropped as a duplicate of its own committed copies (Parquet output; the
+    dedup rebuild is the same for both formats)."""
+    out = tmp_path / "out"
+    run_image_curation(samples.manifest, str(out), _config(*SHARDED, "execution.workers=1"))
+    kept = _parquet_rows(str(out))
+    records = [json.load(open(out / "_parts" / f)) for f in sorted(os.listdir(out / "_parts"))]
+    ledger_keys = {}
+    for r in records:
+        if r.get("drops_file"):
+            for key in pq.read_table(out / r["drops_file"], columns=["key"]).column("key").to_pylist():
+                ledger_keys[key] = tuple(r["group"])
+    shard_keys = {}
+    for r in records:
+        if r["shard"]:
+            for key in pq.read_table(out / r["shard"], columns=["key"]).column("key").to_pylist():
+                shard_keys[key] = tuple(r["group"])
+    group = next(g for g in samples.duplicate_groups
+                 if any(shard_keys.get(k) != ledger_keys.get(c) for k in g if k in kept
+                        for c in g if c != k))
+    survivor = next(k for k in group if k in kept)
+    assert any(ledger_keys.get(c) not in (None, shard_keys[survivor]) for c in group if c != survivor)
+    for r in records:  # the survivor's write: killed before its commit point
+        if tuple(r["group"]) == shard_keys[survivor]:
+            os.remove(out / "_parts" / f"part-{r['part']:06d}.json")
+    manifest = _manifest(out)
+    manifest["status"] = "in_progress"
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+
+    run_image_curation(samples.manifest, str(out), _config(*SHARDED, "execution.workers=1"), resume=True)
+    assert survivor in _parquet_rows(str(out))
+    assert set(_parquet_rows(str(out))) == set(kept)
+    reasons = {r["key"]: r["reason"] for r in _ledger(str(out))}
+    assert all(reasons[c].startswith("duplicate") for c in group if c != survivor)

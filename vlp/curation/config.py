@@ -98,7 +98,8 @@ class ExecutionConfig:
             (demand that makes the autoscaler add data nodes); 0 keeps the fixed ``workers`` pool.
         node_resources: custom resources every curation task and actor asks for, e.g.
             ``{data_node: 0.001}`` to keep curation on the CPU node type of ``ray_configs/clusters``
-            (off the CPU-less head and off GPU nodes, which can then idle out).
+            (off the CPU-less head and off GPU nodes, which can then idle out). The run's tiny
+            part-number tracker is the exception: it stays on the driver's node, whose fate it shares.
         stall_timeout_s: once a worker is up, a run in which no row moves on (to its next stage:
             fetch, decode, dedup, out of the worker, into a committed shard) for this long prints
             the rows in flight and fails with a one-line message; ``--resume`` then goes on. 0

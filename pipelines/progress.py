@@ -93,8 +93,9 @@ def _top_drops(drops: dict, n: int = 4) -> str:
 class ProgressReporter:
     """Prints a progress line every ``interval_s`` until stopped."""
 
-    def __init__(self, tracker, interval_s: float, stream=sys.stderr, label: str = "curate"):
-        self.tracker, self.interval_s, self.stream, self.label = tracker, interval_s, stream, label
+    def __init__(self, tracker, interval_s: float, stream=None, label: str = "curate"):
+        self.tracker, self.interval_s, self.label = tracker, interval_s, label
+        self.stream = stream or sys.stderr  # looked up now: a test may have swapped it since import
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = time.monotonic()
@@ -217,8 +218,9 @@ class StallWatchdog:
     provide, is not a stall), prints the rows in flight to ``stream``, then sets ``stalled`` with a
     one-line ``message``. The job turns that into a failure (``pipelines.curation_job``)."""
 
-    def __init__(self, tracker, timeout_s: float, stream=sys.stderr, label: str = "curate"):
-        self.tracker, self.timeout_s, self.stream, self.label = tracker, timeout_s, stream, label
+    def __init__(self, tracker, timeout_s: float, stream=None, label: str = "curate"):
+        self.tracker, self.timeout_s, self.label = tracker, timeout_s, label
+        self.stream = stream or sys.stderr
         self.stalled = threading.Event()
         self.message = ""
         self._stop = threading.Event()

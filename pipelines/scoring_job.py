@@ -264,7 +264,7 @@ def _check_resume(existing: dict | None, output: str, resume: bool, storage: Sto
 
 
 def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *, resume: bool = False,
-                stream=sys.stderr) -> dict:
+                stream=None) -> dict:
     """Score the shard folder ``shards`` with the model at ``model_path`` into ``_scores/<name>/``;
     returns the statistics.
 
@@ -274,6 +274,7 @@ def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *,
     from vlp.train.pretrained import load_dual_encoder
 
     started = time.monotonic()
+    stream = stream or sys.stderr  # looked up per call, not at import (captured streams close)
     if not name or "/" in name or name.startswith((".", "_")):
         raise ConfigError(f"--name {name!r}: give a plain name (letters, digits, '-', '_')")
     storage = Storage(config.storage)

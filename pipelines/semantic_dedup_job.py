@@ -99,10 +99,11 @@ def _scores_manifest(source: ShardFolder, name: str, storage: Storage) -> dict:
 
 
 def run_semantic_dedup(shards: str, scores: str, output: str, config: SemanticDedupConfig, *,
-                       ray_address: str = "", stream=sys.stderr) -> dict:
+                       ray_address: str = "", stream=None) -> dict:
     """Deduplicate ``shards`` (a folder or a view) by the embeddings of the scores ``scores`` into the
     view ``output``; returns its statistics."""
     started = time.monotonic()
+    stream = stream or sys.stderr  # looked up per call, not at import (captured streams close)
     storage = Storage()
     folder = ShardFolder.open(shards, storage).require_rows("to deduplicate")
     source = ShardFolder.open(folder.source_uri, storage) if folder.view is not None else folder

@@ -81,7 +81,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
-                 stream=sys.stdout) -> TrainResult:
+                 stream=None) -> TrainResult:
     """Train as ``cfg`` says and return the result; raises ``TrainingError`` when the run fails.
 
     ``dataset`` replaces the input pipeline built from ``cfg.data.train`` (a Ray Dataset of
@@ -97,6 +97,7 @@ def run_training(cfg: TrainConfig, *, pid_dir: str = "", dataset=None,
     from vlp.train.shard_plan import eval_shards_json, split_shards
 
     started = time.monotonic()
+    stream = stream or sys.stdout  # looked up per call, not at import (captured streams close)
     cfg = _absolute_paths(cfg)
     storage = Storage(cfg.data.storage)
     split = split_shards(cfg.data, storage)

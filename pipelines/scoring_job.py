@@ -311,8 +311,9 @@ def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *,
     if resumed_rows:
         print(f"[score] {resumed_rows:,} rows of unfinished shards were committed before: not scored "
               "again", file=stream, flush=True)
-    if plan_reads(todo, config.rows_per_read, scored):
-        _score_shards(todo, scored, output, storage, config, model_path, loaded, media_column,
+    reads = plan_reads(todo, config.rows_per_read, scored)
+    if reads:
+        _score_shards(todo, reads, output, storage, config, model_path, loaded, media_column,
                       frame_slots, model_frames, stream)
     hist = ScoreHistogram()
     for i, shard in enumerate(folder.shards):
@@ -337,7 +338,7 @@ def run_scoring(shards: str, model_path: str, name: str, config: ScoreConfig, *,
     return stats
 
 
-def _score_shards(todo, scored, output, storage, config, model_path, loaded, media_column,
+def _score_shards(todo, reads, output, storage, config, model_path, loaded, media_column,
                   frame_slots, model_frames, stream) -> None:
     started_ray = ensure_ray(config.ray_address, dashboard=False)
     try:
@@ -357,7 +358,6 @@ def _score_shards(todo, scored, output, storage, config, model_path, loaded, med
                     prepare=prepare)
         encoder = dict(model_path=os.path.abspath(model_path), precision=config.precision,
                        cpus=config.cpus_per_encoder, embeddings=config.embeddings)
-        reads = plan_reads(todo, config.rows_per_read, scored)
         # A read is seconds of work: one in flight per reading encoder, or the first actor to start
         # queues the reads of a small job while the others idle.
         in_flight = 1 if in_encoder else None

@@ -284,7 +284,10 @@ def multinode_ray():
     by PID at the end, and one left running fails the teardown."""
     from tests.ray_cluster import LocalRayCluster, RayStartUnavailable
 
-    cluster = LocalRayCluster(worker_cpus=2, worker_resources={"data_node": 1})
+    # A training run that lost a node restarts with the workers left after Ray Train gives up
+    # waiting for the old size: 60 s by default (room for an autoscaler), 15 s here.
+    cluster = LocalRayCluster(worker_cpus=2, worker_resources={"data_node": 1},
+                              node_env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"})
     try:
         try:
             cluster.start_head(num_cpus=0)

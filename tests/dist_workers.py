@@ -145,7 +145,8 @@ def _collective_scenarios(world: int, rank: int) -> dict:
             (out * collective_weights(world, rank, *out.shape)).sum().backward()
             results[f"{name}_k{k}"] = {"out": out.detach(), "grad": x.grad.clone(),
                                        "forward_bytes": counter.forward_bytes,
-                                       "backward_bytes": counter.backward_bytes}
+                                       "backward_bytes": counter.backward_bytes,
+                                       "by_group": dict(counter.by_group)}
     return results
 
 

@@ -136,9 +136,10 @@ class LocalRayCluster:
     """A head and worker nodes on this machine, started and stopped by PID."""
 
     def __init__(self, worker_cpus: float = 1, worker_resources: dict | None = None,
-                 object_store_bytes: int = 80 * 1024**2):
+                 object_store_bytes: int = 80 * 1024**2, node_env: dict | None = None):
         """``worker_cpus``, ``worker_resources``: what each worker node offers (logical CPUs may
-        exceed the machine's cores); ``object_store_bytes``: each node's object store."""
+        exceed the machine's cores); ``object_store_bytes``: each node's object store;
+        ``node_env``: variables every node's processes get (Ray's settings)."""
         self.id = uuid.uuid4().hex[:12]
         self.worker_cpus, self.worker_resources = worker_cpus, dict(worker_resources or {})
         self.dir = tempfile.mkdtemp(prefix="vlpmn-", dir="/tmp")  # short: Ray's socket paths
@@ -154,7 +155,7 @@ class LocalRayCluster:
         base = {k: v for k, v in os.environ.items() if k not in _RAY_CLIENT_VARS}
         base.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token_path,
                     RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=REPO)
-        self._node_env = base
+        self._node_env = dict(base, **(node_env or {}))
         self.client_env = dict(base, RAY_ADDRESS=self.address)
 
     # --- starting -------------------------------------------------------------------------------

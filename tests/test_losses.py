@@ -238,6 +238,8 @@ def test_gather_with_grad_concatenates_and_reduce_scatters_sums(dist_results, wo
                            for q in members)
                 assert rel_err(got["grad"], want) < 1e-6, (k, g, rank)
                 assert got["forward_bytes"] == got["backward_bytes"] == (k - 1) * 3 * 4 * FLOAT32
+                # every byte is booked to the group that carried it, named by its global ranks
+                assert got["by_group"] == {tuple(members): 2 * (k - 1) * 3 * 4 * FLOAT32}, (k, rank)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -250,6 +252,7 @@ def test_ring_exchange_passes_forward_and_returns_gradients(dist_results, world)
                 assert torch.equal(got["out"], torch.arange(12.0).reshape(3, 4) + 100 * prev)
                 assert torch.equal(got["grad"], collective_weights(world, nxt, 3, 4))
                 assert got["forward_bytes"] == got["backward_bytes"] == 3 * 4 * FLOAT32
+                assert got["by_group"] == {tuple(members): 2 * 3 * 4 * FLOAT32}, (k, rank)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,8 +476,10 @@ def test_counter_sums_several_calls():
     counter.add(0, backward=True)
     assert (counter.forward_bytes, counter.backward_bytes, counter.bytes_sent, counter.calls) == (
         10, 5, 15, 2)
+    counter.add(7, backward=False, ranks=(2, 3))
+    assert counter.by_group == {(): 15, (2, 3): 7}
     counter.reset()
-    assert counter.bytes_sent == 0 and counter.calls == 0
+    assert counter.bytes_sent == 0 and counter.calls == 0 and counter.by_group == {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,6 +530,33 @@ def test_rank_groups_layout_and_errors():
         rank_groups(6, 4)
     with pytest.raises(ValueError, match=">= 1"):
         rank_groups(4, 0)
+
+
+def test_node_groups_list_each_nodes_ranks_in_order():
+    from vlp.distributed import node_groups
+
+    assert node_groups([0, 0, 1, 1]) == [[0, 1], [2, 3]]
+    assert node_groups(["b", "a", "b", "a", "c"]) == [[0, 2], [1, 3], [4]]
+    assert node_groups([]) == []
+
+
+def test_a_by_node_grouped_loss_refuses_nodes_with_unequal_workers():
+    from vlp.config import load_config
+    from vlp.train.config import TrainConfig
+    from vlp.train.loop import check_groups_follow_nodes
+
+    by_node = load_config(TrainConfig, None, ["objectives.contrastive.loss.mode=grouped"])
+    check_groups_follow_nodes(by_node, [0, 0, 1, 1], local_world_size=2)  # two nodes of two: fine
+    with pytest.raises(ConfigError, match=r"workers sit on the nodes as \[3, 1\]"):
+        check_groups_follow_nodes(by_node, [0, 0, 0, 1], local_world_size=3)
+    with pytest.raises(ConfigError, match="group_size is null"):
+        check_groups_follow_nodes(by_node, [0, 1, 0, 1], local_world_size=2)  # not node by node
+    # a set group size, or another mode, does not depend on the nodes
+    fixed = load_config(TrainConfig, None, ["objectives.contrastive.loss.mode=grouped",
+                                            "objectives.contrastive.loss.group_size=2"])
+    check_groups_follow_nodes(fixed, [0, 0, 0, 1], local_world_size=3)
+    local = load_config(TrainConfig, None, ["objectives.contrastive.loss.mode=local"])
+    check_groups_follow_nodes(local, [0, 0, 0, 1], local_world_size=3)
 
 
 def test_sigmoid_without_bias_and_mismatched_shapes_fail():

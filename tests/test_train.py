@@ -46,7 +46,12 @@ def shards(ray_cluster, tmp_path_factory):
 
 
 def _config(tmp_path, shards, *overrides) -> TrainConfig:
-    return load_config(TrainConfig, None, [
+    return load_config(TrainConfig, None, [*train_overrides(tmp_path, shards), *overrides])
+
+
+def train_overrides(tmp_path, shards) -> list[str]:
+    """The tests' tiny run (a 1-layer ViT and BERT, 2 workers) as ``--set`` overrides."""
+    return [
         f"data.train={shards['curated']}", "data.holdout_shards=1",
         f"data.classification={shards['classes']}", f"data.batch_size={BATCH}",
         "data.shuffle_buffer=0", f"output_dir={tmp_path / 'runs'}",
@@ -55,8 +60,7 @@ def _config(tmp_path, shards, *overrides) -> TrainConfig:
         "model.image_size=32", f"model.embed_dim={EMBED}",
         "model.image.options={num_hidden_layers: 1}", "model.text.options={num_hidden_layers: 1}",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-        "schedule.log_every=2", "schedule.checkpoint_every=4", "optim.warmup_steps=2",
-        *overrides])
+        "schedule.log_every=2", "schedule.checkpoint_every=4", "optim.warmup_steps=2"]
 
 
 def _train_rows(shards) -> int:

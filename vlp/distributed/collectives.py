@@ -10,7 +10,9 @@ sends, one place that counts it, and one place to fix backend quirks. What lives
 - differentiable collectives, each its own ``torch.autograd.Function``: :func:`gather_with_grad`
   (all-gather forward, reduce-scatter with SUM backward) and :func:`ring_exchange` (send to the next
   rank of the group, receive from the previous; the gradient travels the other way);
-- byte accounting: :class:`CommCounter`.
+- byte accounting: :class:`CommCounter` (also per process group, so a trainer that knows each rank's
+  node tells the bytes that crossed nodes from those that stayed on one); :func:`all_gather_object`
+  and :func:`node_groups` describe the layout of ranks on nodes.
 
 Conventions:
 
@@ -37,7 +39,7 @@ holds the whole step. New collectives go here, each with its counting rule in it
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -45,6 +47,7 @@ from torch.distributed import ProcessGroup
 
 __all__ = [
     "CommCounter",
+    "all_gather_object",
     "all_reduce_sum",
     "barrier",
     "gather_with_grad",
@@ -52,6 +55,7 @@ __all__ = [
     "group_size",
     "is_initialized",
     "new_rank_group",
+    "node_groups",
     "rank_groups",
     "ring_exchange",
     "world_size",
@@ -66,19 +70,22 @@ class CommCounter:
         forward_bytes: payload sent by collectives called in the forward pass.
         backward_bytes: payload sent by the backward of differentiable collectives.
         calls: collectives that sent something (forward and backward).
+        by_group: the same bytes (forward plus backward) by the process group that carried them, keyed
+            by the group's global ranks in order.
     """
 
     forward_bytes: int = 0
     backward_bytes: int = 0
     calls: int = 0
+    by_group: dict[tuple[int, ...], int] = field(default_factory=dict)
 
     @property
     def bytes_sent(self) -> int:
         """Forward plus backward bytes so far."""
         return self.forward_bytes + self.backward_bytes
 
-    def add(self, nbytes: int, *, backward: bool) -> None:
-        """Record one collective that sent ``nbytes``."""
+    def add(self, nbytes: int, *, backward: bool, ranks: tuple[int, ...] = ()) -> None:
+        """Record one collective that sent ``nbytes`` in the group of global ``ranks``."""
         if nbytes <= 0:
             return
         if backward:
@@ -86,15 +93,17 @@ class CommCounter:
         else:
             self.forward_bytes += nbytes
         self.calls += 1
+        self.by_group[ranks] = self.by_group.get(ranks, 0) + nbytes
 
     def reset(self) -> None:
         """Start counting from zero (e.g. at the start of a step)."""
         self.forward_bytes = self.backward_bytes = self.calls = 0
+        self.by_group = {}
 
 
-def _count(counter: CommCounter | None, nbytes: int, *, backward: bool) -> None:
+def _count(counter: CommCounter | None, nbytes: int, *, backward: bool, group: ProcessGroup) -> None:
     if counter is not None:
-        counter.add(nbytes, backward=backward)
+        counter.add(nbytes, backward=backward, ranks=tuple(dist.get_process_group_ranks(group)))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -144,6 +153,25 @@ def rank_groups(world_size: int, group_size: int) -> list[list[int]]:
             f"contiguous groups of {group_size} ranks cannot cover {world_size} ranks"
         )
     return [list(range(g * group_size, (g + 1) * group_size)) for g in range(world_size // group_size)]
+
+
+def node_groups(node_of_rank: list) -> list[list[int]]:
+    """The ranks on each node, nodes in the order of their first rank: ``node_of_rank[r]`` names the
+    node of global rank r (any hashable, e.g. Ray Train's node rank)."""
+    groups: dict = {}
+    for rank, node in enumerate(node_of_rank):
+        groups.setdefault(node, []).append(rank)
+    return list(groups.values())
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process. A collective
+    of the default group, for small facts gathered once (which node a rank is on), not tensors."""
+    if not is_initialized():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def new_rank_group(group_size: int) -> ProcessGroup | None:
@@ -247,14 +275,14 @@ class _GatherWithGrad(torch.autograd.Function):
         tensor = tensor.contiguous()
         out = tensor.new_empty((k * tensor.shape[0], *tensor.shape[1:]))
         dist.all_gather_single(out, tensor, group=group)
-        _count(counter, (k - 1) * _nbytes(tensor), backward=False)
+        _count(counter, (k - 1) * _nbytes(tensor), backward=False, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         k = dist.get_world_size(ctx.group)
         grad = _reduce_scatter_sum(grad_output, ctx.group)
-        _count(ctx.counter, (k - 1) * _nbytes(grad), backward=True)
+        _count(ctx.counter, (k - 1) * _nbytes(grad), backward=True, group=ctx.group)
         return grad, None, None
 
 
@@ -307,7 +335,7 @@ class _RingExchange(torch.autograd.Function):
         ctx.group, ctx.counter = group, counter
         ctx.next, ctx.prev = (r + 1) % k, (r - 1) % k
         out = _exchange(tensor, group, send_to=ctx.next, recv_from=ctx.prev)
-        _count(counter, _nbytes(tensor), backward=False)
+        _count(counter, _nbytes(tensor), backward=False, group=group)
         return out
 
     @staticmethod
@@ -315,7 +343,7 @@ class _RingExchange(torch.autograd.Function):
         # My output came from the previous rank, so its gradient belongs there; the gradient of what I
         # sent comes back from the next rank.
         grad = _exchange(grad_output, ctx.group, send_to=ctx.prev, recv_from=ctx.next)
-        _count(ctx.counter, _nbytes(grad), backward=True)
+        _count(ctx.counter, _nbytes(grad), backward=True, group=ctx.group)
         return grad, None, None
 
 
@@ -352,5 +380,5 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup | None = None, *,
     if not is_initialized() or group_size(group) == 1:
         return out
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=_resolve(group))
-    _count(counter, (group_size(group) - 1) * _nbytes(out), backward=False)
+    _count(counter, (group_size(group) - 1) * _nbytes(out), backward=False, group=_resolve(group))
     return out

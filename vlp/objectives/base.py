@@ -40,6 +40,11 @@ class ObjectiveOutput:
     def bytes_sent(self) -> int:
         return int(self.comm.bytes_sent) if self.comm is not None else 0
 
+    @property
+    def bytes_by_group(self) -> dict[tuple[int, ...], int]:
+        """The bytes sent by process group (its global ranks), when ``comm`` counts them so."""
+        return dict(getattr(self.comm, "by_group", None) or {})
+
 
 # What the shared forward pass can compute for the objectives (besides the contrastive embeddings,
 # which are always there):

@@ -70,7 +70,7 @@ def train_worker(payload: dict) -> None:
     plan = RunPlan(**payload["plan"])
     ctx = ray.train.get_context()
     Trainer(config, plan, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-            local_world_size=ctx.get_local_world_size(),
+            local_world_size=ctx.get_local_world_size(), node_rank=ctx.get_node_rank(),
             shard=ray.train.get_dataset_shard("train")).run()
 
 
@@ -89,13 +89,49 @@ def _evaluation_config(config: TrainConfig) -> TrainConfig:
     return replace(config, objectives=objectives)
 
 
+def check_groups_follow_nodes(config: TrainConfig, node_of_rank: list, local_world_size: int) -> None:
+    """A grouped contrastive loss without ``group_size`` groups the ranks of each node: its groups are
+    contiguous runs of ``local_world_size`` ranks, which are the nodes only when every node holds
+    that many ranks, numbered node by node (as Ray Train numbers them). Every rank checks the same
+    gathered layout, so all of them raise alike instead of some waiting in a group that never forms.
+
+    Raises:
+        ConfigError: the nodes hold different numbers of workers (or ranks are not node by node).
+    """
+    from vlp.config import ConfigError
+    from vlp.distributed.collectives import node_groups
+
+    grouped_by_node = [name for name, objective in config.objectives.items()
+                       if getattr(getattr(objective, "loss", None), "mode", None) == "grouped"
+                       and objective.loss.group_size is None]
+    if not grouped_by_node:
+        return
+    by_node = node_groups(node_of_rank)
+    contiguous = [list(range(start, start + local_world_size))
+                  for start in range(0, len(node_of_rank), local_world_size)]
+    if by_node != contiguous:
+        raise ConfigError(
+            f"objectives.{grouped_by_node[0]}.loss.group_size is null, so each node's ranks form a "
+            f"group, but the workers sit on the nodes as {[len(g) for g in by_node]}: uneven groups "
+            "give ranks different negatives. Set the group size (one that divides "
+            f"{len(node_of_rank)}), or give every node as many workers (scaling.cpus_per_worker, "
+            "node resources)")
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, plan: RunPlan, *, rank: int, world_size: int,
-                 local_world_size: int, shard):
+                 local_world_size: int, shard, node_rank: int = 0):
         import ray.train.torch
+
+        from vlp.distributed.collectives import all_gather_object
 
         self.cfg, self.plan, self.shard = config, plan, shard
         self.rank, self.world_size = rank, world_size
+        # which node each rank is on (one small collective): the default groups of the grouped loss
+        # are the nodes, and the bytes the losses send are told apart by whether they crossed nodes
+        self.node_of_rank = all_gather_object(node_rank)
+        check_groups_follow_nodes(config, self.node_of_rank, local_world_size)
+        self.layout_logged = False
         if plan.pid_dir:
             os.makedirs(plan.pid_dir, exist_ok=True)
             with open(os.path.join(plan.pid_dir, f"rank-{rank}.pid"), "w") as f:
@@ -145,6 +181,10 @@ class Trainer:
         self.log = RankZeroLogger(plan.tracking_uri, plan.mlflow_run_id, active=rank == 0,
                                   system_metrics=config.tracking.system_metrics,
                                   system_metrics_interval_s=config.tracking.system_metrics_interval_s)
+        if checkpoint:
+            # the MLflow record of a restart (a lost worker or node, an elastic resize, a rerun)
+            self.log.metrics({"resumed_at_step": self.state.step, "resumed_world_size": world_size},
+                             step=self.state.step)
         if rank == 0 and checkpoint:
             print(f"[train] resumed at step {self.state.step} ({self.state.samples:,} samples) with "
                   f"{world_size} workers", flush=True)
@@ -193,7 +233,8 @@ class Trainer:
         step_fn = feature_cache_step if self.cfg.feature_accumulation > 1 else plain_step
         ctx = StepContext(model=self.pretraining, ddp=self.ddp,
                           autocast=self._autocast, world_size=self.world_size)
-        window = {"start": time.perf_counter(), "wait": 0.0, "samples": 0, "bytes": 0}
+        window = {"start": time.perf_counter(), "wait": 0.0, "samples": 0, "bytes": 0,
+                  "cross_node_bytes": 0, "groups": set()}
         status = "FAILED"
         try:
             while self.state.samples < self.planned_samples:
@@ -212,6 +253,7 @@ class Trainer:
                     ctx.step = self.state.step
                     result = step_fn(ctx, micro)
                     loss, parts, sent = result.loss, result.parts, result.bytes_sent
+                    self._count_traffic(window, result.bytes_by_group)
                     micro = []
                     grad_norm = self._optimizer_step()
                     self.state.step += 1
@@ -236,8 +278,32 @@ class Trainer:
         finally:
             self.log.close(status)
 
+    def _count_traffic(self, window: dict, by_group: dict) -> None:
+        for ranks, nbytes in by_group.items():
+            window["groups"].add(ranks)
+            if len({self.node_of_rank[r] for r in ranks}) > 1:
+                window["cross_node_bytes"] += nbytes
+
+    def _log_layout(self, groups: set) -> None:
+        """Once per attempt, at the first log: which node each rank is on and the process groups the
+        objectives' collectives sent in (gathered from every rank: a collective), as
+        ``process_layout.json`` in the MLflow run."""
+        from vlp.distributed.collectives import all_gather_object, node_groups
+
+        used = sorted({tuple(g) for mine in all_gather_object(sorted(groups)) for g in mine})
+        self.layout_logged = True
+        self.log.dict({"step": self.state.step, "world_size": self.world_size,
+                       "node_of_rank": self.node_of_rank, "ranks_by_node": node_groups(self.node_of_rank),
+                       "collective_groups": [list(g) for g in used],
+                       "cross_node_groups": [list(g) for g in used
+                                             if len({self.node_of_rank[r] for r in g}) > 1]},
+                      f"process_layout/step-{self.state.step:07d}.json")
+
     def _log_window(self, window: dict, loss: float, parts: dict, grad_norm: float) -> None:
+        if not self.layout_logged:
+            self._log_layout(window["groups"])
         elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        steps = max(1, self.cfg.schedule.log_every)
         metrics = {
             "loss/total": loss, **parts,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -245,7 +311,9 @@ class Trainer:
             "grad_norm": grad_norm,
             "samples_per_second": window["samples"] / elapsed,
             "data_wait_fraction": window["wait"] / elapsed,
-            "comm_bytes_per_step": window["bytes"] / max(1, self.cfg.schedule.log_every),
+            "comm_bytes_per_step": window["bytes"] / steps,
+            # of those, the bytes sent in groups that span nodes (the grouped loss keeps it at 0)
+            "comm_cross_node_bytes_per_step": window["cross_node_bytes"] / steps,
             "epoch": self.state.samples / max(1, self.plan.train_rows),
             "world_size": self.world_size,
         }
@@ -255,7 +323,7 @@ class Trainer:
                   f"lr {metrics['lr']:.2e} T {metrics['temperature']:.4f} "
                   f"{metrics['samples_per_second']:.0f} samples/s, data wait "
                   f"{100 * metrics['data_wait_fraction']:.0f}%", flush=True)
-        window.update(start=time.perf_counter(), wait=0.0, samples=0, bytes=0)
+        window.update(start=time.perf_counter(), wait=0.0, samples=0, bytes=0, cross_node_bytes=0)
 
     def _evaluation_model(self):
         """The whole pretraining module for rank 0 to evaluate: the live one, or under ``fsdp`` a copy

@@ -13,8 +13,8 @@ Both call the registered objectives and sum their weighted losses; neither knows
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ class StepResult:
     loss: float  # the mean over ranks of the weighted total loss
     parts: dict[str, float]  # this rank's unweighted loss per objective
     bytes_sent: int  # this rank's cross-rank traffic in the step (forward and backward)
+    # the same by process group (its global ranks): which of it crossed nodes
+    bytes_by_group: dict[tuple[int, ...], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,9 +83,19 @@ def _sync_on_last(ctx: StepContext, i: int, n: int):
     return skip_gradient_sync(ctx.ddp)
 
 
+def _add_traffic(by_group: dict, results: dict) -> int:
+    """Add the objectives' bytes by group into ``by_group``; returns their bytes in all (read after
+    backward: the differentiable collectives count their gradients' traffic there)."""
+    for out in results.values():
+        for ranks, nbytes in out.bytes_by_group.items():
+            by_group[ranks] = by_group.get(ranks, 0) + nbytes
+    return sum(o.bytes_sent for o in results.values())
+
+
 def plain_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     n, sent, loss = len(micro), 0, 0.0
     parts: dict = {}
+    by_group: dict = {}
     for i, batch in enumerate(micro):
         with _sync_on_last(ctx, i, n):
             with ctx.autocast():
@@ -91,8 +103,8 @@ def plain_step(ctx: StepContext, micro: list[dict]) -> StepResult:
                 total, parts = weighted_total(ctx.model.objectives, results)
             loss += mean_loss_or_raise(ctx, total, parts) / n
             (total / n).backward()
-        sent += sum(o.bytes_sent for o in results.values())
-    return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent)
+        sent += _add_traffic(by_group, results)
+    return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent, by_group)
 
 
 def _rng_state():
@@ -129,7 +141,8 @@ def feature_cache_step(ctx: StepContext, micro: list[dict]) -> StepResult:
     total, parts = weighted_total(objectives, results)
     loss = mean_loss_or_raise(ctx, total, parts)
     total.backward()
-    sent = sum(o.bytes_sent for o in results.values())
+    by_group: dict = {}
+    sent = _add_traffic(by_group, results)
     sizes = [c[FEATURE_KEYS[0]].shape[0] for c in cached]
     grads = {key: pool[key].grad.split(sizes) for key in FEATURE_KEYS}
     for i, batch in enumerate(micro):
@@ -144,4 +157,4 @@ def feature_cache_step(ctx: StepContext, micro: list[dict]) -> StepResult:
                     # backward uses every parameter (DDP expects that) and the sum is exact
                     surrogate = surrogate + out[key].float() * (pool[key].grad / n)
             surrogate.backward()
-    return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent)
+    return StepResult(loss, {k: float(v) for k, v in parts.items()}, sent, by_group)

@@ -414,10 +414,12 @@ def run_img2dataset(url_manifest: str, work: str, tag: str, venv: str, rows: int
     return m
 
 
-def marginal(small: dict, big: dict) -> dict:
+def marginal(small: dict, big: dict, key: str = "images") -> dict:
     """Throughput of the rows a bigger run adds over a smaller one: the fixed costs of starting and
-    stopping (Ray, process pools, imports) cancel out, which is what a long run sees."""
-    d_img = big["images"] - small["images"]
+    stopping (Ray, process pools, imports) cancel out, which is what a long run sees. ``key``:
+    ``images`` (written) or ``rows_read`` (input rows: a row dropped as a near duplicate was still
+    fetched, decoded and hashed; img2dataset, which keeps every row, reads as many as it writes)."""
+    d_img = big.get(key, big["images"]) - small.get(key, small["images"])
     d_wall, d_cpu = big["wall_s"] - small["wall_s"], big["cpu_s"] - small["cpu_s"]
     if d_img <= 0 or d_wall <= 0 or d_cpu <= 0:
         return {"img_per_s_core": float("nan"), "img_per_cpu_s": float("nan")}
@@ -608,23 +610,27 @@ def main(argv=None) -> int:
                 target("URL: CPU-bound ceiling of our per-row code (loop CPU + HTTP server CPU per "
                        "image; no Ray, fetches perfectly overlapped) vs img2dataset marginal (context)",
                        1 / per_image, mp["img_per_s_core"], 1.5)
-    # Issue 16's targets (set for the web-like photos; reported on either corpus).
+    # Issue 16's targets (set for the web-like photos; reported on either corpus), per input row:
+    # the web corpus's crops of a few photos hold near duplicates that ours drops (20%) after doing
+    # all the work but the encode.
     if "url_ours" in marginals:
-        mo = marginals["url_ours"]
+        mo = marginal(runs["url_ours"], runs["url_ours_large"], "rows_read")
         if "url_img2dataset" in marginals:
-            target("#16 URL: ours vs img2dataset per CPU second, marginal", mo["img_per_cpu_s"],
-                   marginals["url_img2dataset"]["img_per_cpu_s"], 2.0, "img/CPU-s")
+            target("#16 URL: ours vs img2dataset per CPU second, marginal, per input row",
+                   mo["img_per_cpu_s"], marginals["url_img2dataset"]["img_per_cpu_s"], 2.0, "rows/CPU-s")
         loop = runs.get("url_loop_our_core")
         if loop and loop.get("loop_cpu_s"):
             # the CPU our whole job spends per image (all its processes, at the margin) over what
             # the bare loop of our per-row code (fetch, decode, resize, hashes, encode) spends
             job_ms, loop_ms = 1e3 / mo["img_per_cpu_s"], 1e3 * loop["loop_cpu_s"] / loop["images"]
-            targets.append({"name": "#16 URL: our job's CPU per image (marginal) vs our bare per-row "
+            targets.append({"name": "#16 URL: our job's CPU per input row (marginal) vs our bare per-row "
                                     "loop's", "measured": f"{job_ms:.2f} vs {loop_ms:.2f} ms",
                             "ratio": job_ms / loop_ms, "threshold": "<= 1.15", "met": job_ms <= 1.15 * loop_ms})
     if "url_img2dataset" in runs:
-        target(f"#16 URL: ours vs img2dataset, N = {rows:,} end to end", runs["url_ours"]["img_per_s_core"],
-               runs["url_img2dataset"]["img_per_s_core"], 0.8)
+        o = runs["url_ours"]
+        target(f"#16 URL: ours vs img2dataset, N = {rows:,} end to end, per input row",
+               o["rows_read"] / o["wall_s"] / o["cores"], runs["url_img2dataset"]["img_per_s_core"], 0.8,
+               "rows/s/core")
     for name in ("url_ours", "url_ours_large"):
         if name in runs:
             peak = runs[name]["peak_pss_mb"]

@@ -1,7 +1,7 @@
 """Where the CPU of ``vlp curate images`` goes: per-process CPU over the steady state, per image.
 
     python benchmarks/profile_curate.py [--corpus web|synthetic] [--rows 10000] [--set KEY=VALUE ...]
-                                        [--py-spy DIR]
+                                        [--no-loop] [--py-spy DIR] [--decode]
 
 Runs our job exactly as ``bench_curate_images.py`` does (URL input from the same local HTTP server,
 the same inputs, cached under ``.bench/data/``), samples every process of its tree every 0.5 s, and
@@ -9,8 +9,10 @@ reports, over the steady state (from 3 s after the first rows to the last progre
 milliseconds per image that each kind of process spends: the processor actors, Ray Data's
 read/write tasks, the dedup actor, the driver, Ray's daemons. Next to it, the CPU per image of the
 bare loop of our per-row code (fetch, decode, resize, hashes, encode; no Ray) on the same URLs: the
-difference is what orchestration costs. ``--py-spy DIR`` also records every process with py-spy (collapsed
-stacks, ``ours.folded.txt``: a flame graph's input), to see which Python lines the difference is.
+difference is what orchestration costs. ``--py-spy DIR`` also records every process with py-spy
+(collapsed stacks, ``ours.folded.txt``: a flame graph's input), to see which Python lines the
+difference is. ``--decode`` only measures what decoding the corpus's JPEGs costs, by decoder,
+baseline and progressive JPEGs apart.
 
 Not a target and not in the README's tables by itself: it tells where to look.
 """
@@ -30,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_curate_images as bench  # noqa: E402
-from measure import PROCESSED, load_psutil, process_tree  # noqa: E402
+import bench_curate_images as bench
+from measure import PROCESSED, load_psutil, process_tree
 
 
 def _kind(cmdline: str) -> str:
@@ -104,6 +106,53 @@ class CpuSampler:
         return dict(out)
 
 
+def decode_costs(root: str, manifest: str, count: int = 400, size: int = bench.SIZE) -> list[str]:
+    """CPU per JPEG of the corpus's first ``count`` files, baseline and progressive apart: our
+    decoder (simplejpeg at Pillow's draft scale for ``size``), simplejpeg at full size and OpenCV's
+    ``imdecode`` (what img2dataset does), each single-threaded. Markdown rows."""
+    import io
+
+    import cv2
+    import numpy as np
+    import simplejpeg
+    from PIL import Image
+
+    cv2.setNumThreads(1)
+    with open(manifest, encoding="utf-8") as f:
+        paths = [json.loads(line)["path"] for line in f][:count]
+    blobs = []
+    for path in paths:
+        with open(os.path.join(root, path), "rb") as f:
+            data = f.read()
+        info = Image.open(io.BytesIO(data)).info
+        blobs.append((data, bool(info.get("progressive") or info.get("progression"))))
+
+    def draft(data):
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        k = next(k for k in (8, 4, 2, 1) if min(w, h) // k >= size)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=k, min_width=-(-w // k),
+                                      min_height=-(-h // k))
+
+    decoders = {"simplejpeg at draft scale (ours)": draft,
+                "simplejpeg, full size": lambda d: simplejpeg.decode_jpeg(d, colorspace="RGB"),
+                "OpenCV imdecode, full size (img2dataset)":
+                    lambda d: cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR)}
+    rows = ["| decoder | baseline ms | progressive ms | corpus mean ms |", "|---|---:|---:|---:|"]
+    for name, decode in decoders.items():
+        cost = {}
+        for progressive in (False, True):
+            chosen = [d for d, p in blobs if p == progressive]
+            c0 = time.process_time()
+            for data in chosen:
+                decode(data)
+            cost[progressive] = 1e3 * (time.process_time() - c0) / max(1, len(chosen))
+        share = sum(p for _, p in blobs) / len(blobs)
+        rows.append(f"| {name} | {cost[False]:.2f} | {cost[True]:.2f} | "
+                    f"{(1 - share) * cost[False] + share * cost[True]:.2f} |")
+    rows.append(f"\n{len(blobs)} files, {sum(p for _, p in blobs)} progressive")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", choices=("synthetic", "web"), default="web")
@@ -113,11 +162,16 @@ def main(argv=None) -> int:
                     help="a curation config override for our run (repeatable)")
     ap.add_argument("--no-loop", dest="loop", action="store_false",
                     help="skip the bare loop of our per-row code")
+    ap.add_argument("--decode", action="store_true",
+                    help="only measure what decoding the corpus's JPEGs costs, by decoder")
     ap.add_argument("--py-spy", default="", metavar="DIR",
                     help="also record every process with py-spy (collapsed stacks in DIR)")
     args = ap.parse_args(argv)
-    base = 2000 if args.rows >= 2000 else args.rows
+    base = min(2000, args.rows)
     data = bench.prepare_data(base, max(1, args.rows // base), args.corpus)
+    if args.decode:
+        print("\n".join(decode_costs(data["root"], data["small"])))
+        return 0
     work = os.path.join(bench.BENCH_DIR, "work", "profile_curate")
     os.makedirs(work, exist_ok=True)
     psutil = load_psutil()

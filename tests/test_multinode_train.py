@@ -33,7 +33,7 @@ import pytest
 from tests.test_train import BATCH, _train_rows, shards, train_overrides  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = 4
+EPOCHS = 6  # 36 steps on 4 workers: the break lands mid-run on a fast machine too
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -64,7 +64,7 @@ def test_grouped_loss_stays_on_each_node_and_a_lost_node_is_survived(multinode_r
                      "scaling.num_workers=4", "scaling.min_workers=2", "scaling.cpus_per_worker=0.75",
                      "scaling.max_failures=3", "data.cpus_per_data_task=0.25",
                      "objectives.contrastive.loss.mode=grouped", "objectives.contrastive.loss.group_size=null",
-                     f"schedule.epochs={EPOCHS}", "schedule.log_every=1", "schedule.checkpoint_every=2",
+                     f"schedule.epochs={EPOCHS}", "schedule.log_every=1", "schedule.checkpoint_every=6",
                      "tracking.log_checkpoints=false", "tracking.system_metrics=false"]:
         cmd += ["--set", override]
     run_dir = os.path.join(tmp_path, "runs", "nodes")
@@ -78,12 +78,19 @@ def test_grouped_loss_stays_on_each_node_and_a_lost_node_is_survived(multinode_r
             return f.read()
 
     try:
-        # Ray Train keeps a checkpoint once its controller has collected every worker's report of
-        # it (it polls them); one written just before the break may not be kept. By the third
-        # (step 6), the earlier ones have been collected.
-        deadline = time.monotonic() + 300
-        while max(_checkpoint_steps(run_dir), default=0) < 6:
-            assert proc.poll() is None, f"training ended before a checkpoint:\n{driver_log()[-4000:]}"
+        # A checkpoint every 6 steps, one pass over the data on 4 workers: each is taken after a
+        # pass's last step, before the loop sees the pass end (the resume must not take the pass
+        # for an empty one). Ray Train keeps a checkpoint once its controller has collected every
+        # worker's report of it (it polls them every 2 s); one written just before the break may
+        # not be kept. Break at the second (step 12), and at least 5 s after the first.
+        deadline, first_seen = time.monotonic() + 300, None
+        while True:
+            steps = _checkpoint_steps(run_dir)
+            if steps and first_seen is None:
+                first_seen = time.monotonic()
+            if steps and max(steps) >= 12 and time.monotonic() - first_seen >= 5:
+                break
+            assert proc.poll() is None, f"training ended before the break:\n{driver_log()[-4000:]}"
             assert time.monotonic() < deadline, f"no checkpoint in time:\n{driver_log()[-4000:]}"
             time.sleep(0.2)
         victim = next(w for w in cluster.alive_workers() if w.ip == "127.0.0.4")
@@ -108,7 +115,7 @@ def test_grouped_loss_stays_on_each_node_and_a_lost_node_is_survived(multinode_r
     resumed = history("resumed_at_step")
     assert len(resumed) == 1, resumed
     checkpoint_step = int(resumed[0][1])
-    assert checkpoint_step >= 2 and checkpoint_step % 2 == 0
+    assert checkpoint_step >= 6 and checkpoint_step % 6 == 0
     assert history("resumed_world_size") == [(checkpoint_step, 2.0)]
     # No step twice in the final lineage: the 4-worker attempt trained up to the checkpoint (and
     # maybe a few steps past it, lost with the node), the 2-worker one every step after it, once.

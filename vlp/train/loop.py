@@ -241,6 +241,9 @@ class Trainer:
                 micro = []
                 batches = self._epoch_batches()
                 steps_before = self.state.step
+                # a checkpoint taken after a pass's last step, before the loop saw its end, resumes
+                # with the whole pass to skip: that pass is over, not empty
+                resumed_in_pass = self.state.samples_in_epoch > 0
                 while self.state.samples < self.planned_samples:
                     t0 = time.perf_counter()
                     batch = next(batches, None)
@@ -267,7 +270,7 @@ class Trainer:
                         self._evaluate(final=False)
                     if self.state.step % sched.checkpoint_every == 0:
                         self._checkpoint({"loss": loss})
-                if self.state.step == steps_before:
+                if self.state.step == steps_before and not resumed_in_pass:
                     raise RuntimeError(f"rank {self.rank} got no full batch from a whole pass over the "
                                        "data: lower data.batch_size or add data")
                 self.state.epoch += self.cfg.data.epochs_per_pass

@@ -27,13 +27,12 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_curate_images as bench
-from measure import PROCESSED, load_psutil, process_tree
+from measure import PROCESSED, TreeSampler, load_psutil, process_tree
 
 
 def _kind(cmdline: str) -> str:
@@ -51,46 +50,34 @@ def _kind(cmdline: str) -> str:
     return cmdline[:50] or "?"
 
 
-class CpuSampler:
-    """Cumulative CPU per process of a tree, sampled; each process keyed by (pid, create time), with
-    the title it carried most often."""
+class CpuSampler(TreeSampler):
+    """Cumulative CPU per process of a tree, kept per sample; each process keyed by (pid, create
+    time), with the title it carried most often."""
 
     def __init__(self, pid: int, interval_s: float = 0.5):
-        self.pid, self.interval_s = pid, interval_s
-        self.samples: list[tuple[float, dict]] = []  # (t, {key: cpu_s})
+        super().__init__(pid, interval_s)
+        self.snapshots: list[tuple[float, dict]] = []  # (t, {key: cpu_s})
         self.titles: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _sample(self):
         psutil = load_psutil()
-        while not self._stop.is_set():
-            now, cpu = time.monotonic(), {}
-            for p in process_tree(self.pid):
-                try:
-                    with p.oneshot():
-                        key = (p.pid, p.create_time())
-                        t = p.cpu_times()
-                        cpu[key] = t.user + t.system
-                        self.titles[key][_kind(" ".join(p.cmdline()))] += 1
-                except psutil.Error:
-                    pass
-            self.samples.append((now, cpu))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        now, cpu = time.monotonic(), {}
+        for p in process_tree(self.pid):
+            try:
+                with p.oneshot():
+                    key = (p.pid, p.create_time())
+                    t = p.cpu_times()
+                    cpu[key] = t.user + t.system
+                    self.titles[key][_kind(" ".join(p.cmdline()))] += 1
+            except psutil.Error:
+                pass
+        self.snapshots.append((now, cpu))
 
     def at(self, t: float | None) -> dict:
         """Each process's CPU seconds as last sampled at or before ``t`` (None: the end); a process
         that exited keeps its last value, one not born yet is absent."""
         seen: dict = {}
-        for when, cpu in self.samples:
+        for when, cpu in self.snapshots:
             if t is not None and when > t:
                 break
             seen.update(cpu)
@@ -206,16 +193,16 @@ def main(argv=None) -> int:
     t0 = events[0][0] + 3.0
     start = min(events, key=lambda e: abs(e[0] - t0))
     # the last line before the run's tail (its last 2 s: final writes, manifest, Ray's shutdown)
-    end = max((e for e in events if e[0] <= sampler.samples[-1][0] - 2.0), default=events[-1])
+    end = max((e for e in events if e[0] <= sampler.snapshots[-1][0] - 2.0), default=events[-1])
     rows = end[1] - start[1]
     by_kind = sampler.between(start[0], end[0])
     whole = sampler.between(None, None)
     total = sum(by_kind.values())
     print(f"steady state: {rows:,} images in {end[0] - start[0]:.1f} s "
           f"({rows / (end[0] - start[0]):.0f} img/s); machine {psutil.cpu_count()} CPUs")
-    t_start = sampler.samples[0][0]
+    t_start = sampler.snapshots[0][0]
     print(f"first rows at {events[0][0] - t_start:.1f} s, last progress at {end[0] - t_start:.1f} s, "
-          f"exit at {sampler.samples[-1][0] - t_start:.1f} s; {end[1]:,} images in all")
+          f"exit at {sampler.snapshots[-1][0] - t_start:.1f} s; {end[1]:,} images in all")
     print("\n| process | steady CPU s | steady ms per image | share | whole run CPU s |\n"
           "|---|---:|---:|---:|---:|")
     for kind, cpu in sorted(whole.items(), key=lambda kv: -kv[1]):
@@ -232,7 +219,7 @@ def main(argv=None) -> int:
         json.dump({"rows": rows, "seconds": end[0] - start[0], "cpu_by_kind": by_kind,
                    "whole_run_cpu_by_kind": whole, "images": end[1],
                    "timeline": [(round(t - t_start, 2), round(sum(cpu.values()), 2), len(cpu))
-                                for t, cpu in sampler.samples],
+                                for t, cpu in sampler.snapshots],
                    "progress": [(round(t - t_start, 2), n) for t, n in events],
                    "loop_ms_per_image": loop_ms, "overrides": args.overrides}, f, indent=1)
     return 0

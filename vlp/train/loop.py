@@ -281,16 +281,19 @@ class Trainer:
         finally:
             self.log.close(status)
 
+    def _spans_nodes(self, ranks) -> bool:
+        return len({self.node_of_rank[r] for r in ranks}) > 1
+
     def _count_traffic(self, window: dict, by_group: dict) -> None:
         for ranks, nbytes in by_group.items():
             window["groups"].add(ranks)
-            if len({self.node_of_rank[r] for r in ranks}) > 1:
+            if self._spans_nodes(ranks):
                 window["cross_node_bytes"] += nbytes
 
     def _log_layout(self, groups: set) -> None:
         """Once per attempt, at the first log: which node each rank is on and the process groups the
         objectives' collectives sent in (gathered from every rank: a collective), as
-        ``process_layout.json`` in the MLflow run."""
+        ``process_layout/step-N.json`` in the MLflow run."""
         from vlp.distributed.collectives import all_gather_object, node_groups
 
         used = sorted({tuple(g) for mine in all_gather_object(sorted(groups)) for g in mine})
@@ -298,8 +301,7 @@ class Trainer:
         self.log.dict({"step": self.state.step, "world_size": self.world_size,
                        "node_of_rank": self.node_of_rank, "ranks_by_node": node_groups(self.node_of_rank),
                        "collective_groups": [list(g) for g in used],
-                       "cross_node_groups": [list(g) for g in used
-                                             if len({self.node_of_rank[r] for r in g}) > 1]},
+                       "cross_node_groups": [list(g) for g in used if self._spans_nodes(g)]},
                       f"process_layout/step-{self.state.step:07d}.json")
 
     def _log_window(self, window: dict, loss: float, parts: dict, grad_norm: float) -> None:

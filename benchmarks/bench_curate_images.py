@@ -309,14 +309,23 @@ LOOP_VARIANTS = (
 def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]) -> None:
     t0 = time.monotonic()
     from pipelines.image_text import run_image_curation
-    from vlp.config import load_config
     from vlp.curation.config import CurationConfig
 
-    cfg = load_config(CurationConfig, None, overrides)
+    worker_curation(t0, run_image_curation, CurationConfig, manifest, out_dir, out_json, overrides)
+
+
+def worker_curation(t0: float, run, config_class, manifest: str, out_dir: str, out_json: str,
+                    overrides: list[str]) -> None:
+    """One curation run (``run``: ``run_image_curation`` or ``run_video_curation``) in a benchmark's
+    subprocess, started at ``t0``: its stats, when it imported, planned and returned, and its timed
+    progress lines, to ``out_json``."""
+    from vlp.config import load_config
+
+    cfg = load_config(config_class, None, overrides)
     t_import = time.monotonic() - t0
     stream = TimedStream(t0, sys.stderr)
     t_call = time.monotonic() - t0
-    stats = run_image_curation(manifest, out_dir, cfg, stream=stream)
+    stats = run(manifest, out_dir, cfg, stream=stream)
     t_return = time.monotonic() - t0
     t_start_line = next((t for t, line in stream.lines if "input unit" in line), None)
     events = progress_events(stream.lines, "curate")
@@ -446,7 +455,7 @@ def render_table(res: dict) -> str:
         "| input | system | images | wall s | img/s | img/s/core | img/CPU-s | peak RSS MB | peak PSS MB | notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for name, m in res["runs"].items():
+    for m in res["runs"].values():
         rows.append(
             f"| {m['input']} | {m['label']} | {m['images']:,} | {_f(m['wall_s'], 1)} | {_f(m['img_per_s'])} "
             f"| {_f(m['img_per_s_core'])} | {_f(m['img_per_cpu_s'])} | {_f(m['peak_rss_mb'])} "
@@ -716,7 +725,7 @@ def _i2d_version(venv: str) -> str | None:
     try:
         out = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
                               "import importlib.metadata as m; print(m.version('img2dataset'))"],
-                             capture_output=True, text=True, timeout=60)
+                             check=False, capture_output=True, text=True, timeout=60)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -79,10 +79,11 @@ from bench_curate_images import (
     _fetch_overrides,
     marginal,
     render_targets,
+    worker_curation,
     write_url_manifest,
 )
 from bench_video_decode import FFMPEG, describe
-from measure import TimedStream, git_state, load_psutil, progress_events, run_measured
+from measure import git_state, load_psutil, run_measured
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench")
@@ -279,19 +280,9 @@ def worker_loop(manifest: str, out_json: str) -> None:
 def worker_ours(manifest: str, out_dir: str, out_json: str, overrides: list[str]) -> None:
     t0 = time.monotonic()
     from pipelines.video_text import run_video_curation
-    from vlp.config import load_config
     from vlp.curation.config import VideoCurationConfig
 
-    config = load_config(VideoCurationConfig, None, overrides)
-    t_import = time.monotonic() - t0
-    stream = TimedStream(t0, sys.stderr)
-    t_call = time.monotonic() - t0
-    stats = run_video_curation(manifest, out_dir, config, stream=stream)
-    t_return = time.monotonic() - t0
-    t_start_line = next((t for t, line in stream.lines if "input unit" in line), None)
-    with open(out_json, "w") as f:
-        json.dump({"stats": stats, "t_import": t_import, "t_call": t_call, "t_pipeline_start": t_start_line,
-                   "t_return": t_return, "progress": progress_events(stream.lines, "curate")}, f)
+    worker_curation(t0, run_video_curation, VideoCurationConfig, manifest, out_dir, out_json, overrides)
 
 
 # --------------------------------------------------------------------------------------------------

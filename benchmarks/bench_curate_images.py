@@ -54,7 +54,14 @@ import sys
 import time
 from multiprocessing import get_context
 
-from measure import TimedStream, git_state, load_psutil, progress_events, run_measured
+from measure import (
+    TimedStream,
+    git_state,
+    load_psutil,
+    note_code_change,
+    progress_events,
+    run_measured,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench")
@@ -704,9 +711,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    if git_state() != code_before:
-        res["code"]["changed_during_run"] = git_state()
-        say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
+    note_code_change(res, code_before, say)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(res, f, indent=1)

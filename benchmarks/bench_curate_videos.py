@@ -83,7 +83,7 @@ from bench_curate_images import (
     write_url_manifest,
 )
 from bench_video_decode import FFMPEG, describe
-from measure import git_state, load_psutil, run_measured
+from measure import git_state, load_psutil, note_code_change, run_measured
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_DIR = os.path.join(REPO, ".bench")
@@ -579,9 +579,7 @@ def main(argv=None) -> int:
         "targets": targets,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    if git_state() != code_before:
-        res["code"]["changed_during_run"] = git_state()
-        say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
+    note_code_change(res, code_before, say)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(_clip_names(res), f, indent=1)

@@ -76,9 +76,22 @@ import sys
 import threading
 import time
 
-from measure import TimedStream, TreeSampler, git_state, load_psutil, process_tree, progress_events
-from score_inputs import (QUALITY, STORED_SIZE, prepare_checkpoint, prepare_hf_clip,
-                          prepare_shards)
+from measure import (
+    TimedStream,
+    TreeSampler,
+    git_state,
+    load_psutil,
+    note_code_change,
+    process_tree,
+    progress_events,
+)
+from score_inputs import (
+    QUALITY,
+    STORED_SIZE,
+    prepare_checkpoint,
+    prepare_hf_clip,
+    prepare_shards,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(REPO, ".bench", "work", "score")
@@ -620,9 +633,7 @@ def main(argv=None) -> int:
     }
     res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["elapsed_s"] = round(time.monotonic() - started, 1)
-    if git_state() != code_before:
-        res["code"]["changed_during_run"] = git_state()
-        say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
+    note_code_change(res, code_before, say)
     # One file, one entry per kind of run: the plain comparison ("main") and the sizing variants
     # ("fixes", --fix-variants or --variant), suffixed where the model, device or settings differ
     # ("main_hf-clip", "main_cuda", "main_set"); a run replaces only its own entry.

@@ -52,7 +52,14 @@ import sys
 import tempfile
 import time
 
-from measure import PROCESSED, TimedStream, git_state, load_psutil, run_measured
+from measure import (
+    PROCESSED,
+    TimedStream,
+    git_state,
+    load_psutil,
+    note_code_change,
+    run_measured,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(REPO, ".bench", "work", "video_decode")
@@ -651,9 +658,7 @@ def main(argv=None) -> int:
         res["pipeline_ratios"] = _pipeline_ratios(res["pipeline"])
     res["machine"] = _machine(load_before)
     res["elapsed_s"] = round(time.monotonic() - started, 1)
-    if git_state() != code:
-        res["code"]["changed_during_run"] = git_state()
-        say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")
+    note_code_change(res, code, say)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(res, f, indent=1)

@@ -168,3 +168,12 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "--short", "HEAD"),
             "uncommitted": git("status", "--porcelain", "--", "vlp", "pipelines").splitlines(),
             "diff_sha1": hashlib.sha1(git("diff", "HEAD", "--", "vlp", "pipelines").encode()).hexdigest()[:12]}
+
+
+def note_code_change(res: dict, code_before: dict, say) -> None:
+    """Record in ``res["code"]`` (and ``say``) that vlp/ or pipelines/ changed while the benchmark
+    ran, since ``code_before`` (``git_state()`` at its start): its runs may mix code versions."""
+    now = git_state()
+    if now != code_before:
+        res["code"]["changed_during_run"] = now
+        say("WARNING: vlp/ or pipelines/ changed while the benchmark ran; the runs may mix code versions")

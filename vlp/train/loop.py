@@ -99,7 +99,7 @@ def check_groups_follow_nodes(config: TrainConfig, node_of_rank: list, local_wor
         ConfigError: the nodes hold different numbers of workers (or ranks are not node by node).
     """
     from vlp.config import ConfigError
-    from vlp.distributed.collectives import node_groups
+    from vlp.distributed.collectives import node_groups, rank_groups
 
     grouped_by_node = [name for name, objective in config.objectives.items()
                        if getattr(getattr(objective, "loss", None), "mode", None) == "grouped"
@@ -107,8 +107,8 @@ def check_groups_follow_nodes(config: TrainConfig, node_of_rank: list, local_wor
     if not grouped_by_node:
         return
     by_node = node_groups(node_of_rank)
-    contiguous = [list(range(start, start + local_world_size))
-                  for start in range(0, len(node_of_rank), local_world_size)]
+    world = len(node_of_rank)
+    contiguous = rank_groups(world, local_world_size) if world % local_world_size == 0 else None
     if by_node != contiguous:
         raise ConfigError(
             f"objectives.{grouped_by_node[0]}.loss.group_size is null, so each node's ranks form a "
